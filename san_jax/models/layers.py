@@ -1,0 +1,89 @@
+"""Building blocks shared by the CLIP towers, the side ViT and the mask decoder.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `vocab`, ...) as sharding metadata; the
+training issue maps them to mesh axes by config rules. `eager_sharding=False` keeps module construction
+mesh-free (sharding is applied by `jax.jit(init, out_shardings=...)`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype
+default_kernel_init = nnx.initializers.lecun_normal()
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def with_axes(init: Callable, names: Sequence[Optional[str]]) -> Callable:
+  """Initializer whose Param carries logical axis names (not sharded eagerly)."""
+  return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[Optional[str]],
+          dtype=jnp.float32) -> nnx.Param:
+  """A free-standing Param (embeddings, projections) with logical axis names."""
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names), eager_sharding=False)
+
+
+def linear(in_features: int, out_features: int, axes: Sequence[Optional[str]], *, rngs: nnx.Rngs,
+           use_bias: bool = True, dtype=None, param_dtype=jnp.float32) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=with_axes(default_kernel_init, axes),
+                    bias_init=with_axes(zeros, axes[-1:]), rngs=rngs)
+
+
+def layer_norm(features: int, eps: float, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+               axis_name: Optional[str] = "embed") -> nnx.LayerNorm:
+  return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                       scale_init=with_axes(ones, (axis_name,)), bias_init=with_axes(zeros, (axis_name,)),
+                       rngs=rngs)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """torch.nn.GELU() (erf form), used by the timm side ViT."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None,
+              query_chunk: Optional[int] = None) -> jax.Array:
+  """Softmax attention. q, k, v: [B, L, heads, head_dim]; bias broadcastable to [B, heads, Lq, Lk].
+
+  The scale is applied to q (as torch's MultiheadAttention does) and the softmax runs in float32.
+  `query_chunk` splits the queries into blocks so the [heads, Lq, Lk] logits never exist whole: on CPU
+  this keeps the working set in cache for long sequences (the side ViT's ~1,700 tokens).
+  """
+  head_dim = q.shape[-1]
+  q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    while bias.ndim < 4:
+      bias = bias[None]
+
+  def block(q_blk, bias_blk):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k, preferred_element_type=jnp.float32)
+    if bias_blk is not None:
+      logits = logits + bias_blk.astype(jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+  lq = q.shape[1]
+  if query_chunk is None or lq <= query_chunk:
+    return block(q, bias)
+  outs = []
+  for start in range(0, lq, query_chunk):
+    stop = min(start + query_chunk, lq)
+    b = None
+    if bias is not None:
+      b = bias if bias.shape[2] == 1 else bias[:, :, start:stop]
+    outs.append(block(q[:, start:stop], b))
+  return jnp.concatenate(outs, axis=1)

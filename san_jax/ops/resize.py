@@ -1,0 +1,154 @@
+"""Torch-exact resizing: `F.interpolate(..., align_corners=False)` and `adaptive_max_pool2d`.
+
+Every resize in san-jax goes through this module. `jax.image.resize` differs from torch in two ways that
+matter for parity (it antialiases when downsampling and uses the Keys cubic with A=-0.5), so the
+interpolation weights are built here, on the host, exactly as torch's CPU kernels compute them, and applied
+as two small matmuls (separable along height and width). Shapes are static, so the weight matrices are
+compile-time constants.
+
+Layout: the resized axes are given explicitly (`axes=(h_axis, w_axis)`), so NHWC and NCHW both work.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_CUBIC_A = -0.75  # torch's bicubic coefficient
+
+
+def _source_scale(in_size: int, out_size: int, scale_factor: Optional[float]) -> np.float32:
+  """torch's `area_pixel_compute_scale` for align_corners=False, in float32."""
+  if scale_factor is not None and scale_factor > 0:
+    return np.float32(1.0 / scale_factor)  # 1/scale in double, then cast once
+  return np.float32(np.float32(in_size) / np.float32(out_size))
+
+
+def _source_coords(in_size: int, out_size: int, scale_factor: Optional[float]) -> np.ndarray:
+  """Source coordinate of every output index: s*(dst+0.5)-0.5, rounded once to float32.
+
+  torch evaluates this with a fused multiply-add on CPU, i.e. one rounding: computing in float64 and
+  casting gives the same float32.
+  """
+  s = np.float64(_source_scale(in_size, out_size, scale_factor))
+  dst = np.arange(out_size, dtype=np.float64)
+  return (s * (dst + 0.5) - 0.5).astype(np.float32)
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+  """The 4 tap weights of torch's `get_cubic_upsample_coefficients` (float32 arithmetic)."""
+  a = np.float32(_CUBIC_A)
+  one = np.float32(1.0)
+
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + one
+
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  t = t.astype(np.float32)
+  return np.stack([far(t + one), near(t), near(one - t), far((one - t) + one)], axis=-1)
+
+
+@functools.lru_cache(maxsize=256)
+def interpolation_matrix(in_size: int, out_size: int, method: str,
+                         scale_factor: Optional[float] = None) -> np.ndarray:
+  """Dense [out_size, in_size] float32 matrix M with out = M @ in along one axis, as torch computes it."""
+  if in_size <= 0 or out_size <= 0:
+    raise ValueError(f"resize sizes must be positive, got in={in_size}, out={out_size}")
+  src = _source_coords(in_size, out_size, scale_factor)
+  mat = np.zeros((out_size, in_size), np.float32)
+  rows = np.arange(out_size)
+  if method == "bilinear":
+    src = np.maximum(src, np.float32(0.0))  # torch clamps negative source coordinates for linear modes
+    i0 = np.floor(src).astype(np.int64)
+    i0 = np.minimum(i0, in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    l1 = (src - i0.astype(np.float32)).astype(np.float32)
+    l0 = (np.float32(1.0) - l1).astype(np.float32)
+    np.add.at(mat, (rows, i0), l0)
+    np.add.at(mat, (rows, i1), l1)
+  elif method == "bicubic":
+    i0 = np.floor(src).astype(np.int64)
+    t = (src - i0.astype(np.float32)).astype(np.float32)
+    w = _cubic_weights(t)
+    for k in range(4):  # taps at i0-1 .. i0+2, edge-replicated
+      idx = np.clip(i0 - 1 + k, 0, in_size - 1)
+      np.add.at(mat, (rows, idx), w[:, k])
+  elif method == "nearest":
+    s = _source_scale(in_size, out_size, scale_factor)
+    idx = np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * s).astype(np.int64), in_size - 1)
+    mat[rows, idx] = 1.0
+  else:
+    raise ValueError(f"unknown resize method {method!r}; expected 'bilinear', 'bicubic' or 'nearest'")
+  return mat
+
+
+def output_size_for_scale(size: int, scale_factor: float) -> int:
+  """Output length torch gives for `scale_factor`: floor(size * scale) in double precision."""
+  return int(math.floor(float(size) * float(scale_factor)))
+
+
+def _apply_along(x: jax.Array, mat: np.ndarray, axis: int) -> jax.Array:
+  mat = jnp.asarray(mat, dtype=x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
+  moved = jnp.moveaxis(x, axis, -1)
+  # HIGHEST: float32 matmuls on TPU/GPU would otherwise run in bfloat16 passes and break parity.
+  out = jnp.einsum("...i,oi->...o", moved, mat, precision=jax.lax.Precision.HIGHEST)
+  return jnp.moveaxis(out, -1, axis)
+
+
+def interpolate(x: jax.Array, size: Optional[Sequence[int]] = None, *,
+                scale_factor: Optional[float | Tuple[float, float]] = None,
+                method: str = "bilinear", axes: Tuple[int, int] = (1, 2)) -> jax.Array:
+  """`torch.nn.functional.interpolate(mode=method, align_corners=False)` over two axes of `x`.
+
+  Exactly one of `size` (out_h, out_w) and `scale_factor` must be given; with a scale factor the output is
+  floor(in * scale) and the source scale is 1/scale (not in/out), as in torch.
+  """
+  if (size is None) == (scale_factor is None):
+    raise ValueError("interpolate: give exactly one of size and scale_factor")
+  axes = tuple(a % x.ndim for a in axes)
+  in_hw = (x.shape[axes[0]], x.shape[axes[1]])
+  if scale_factor is not None:
+    sf = scale_factor if isinstance(scale_factor, (tuple, list)) else (scale_factor, scale_factor)
+    out_hw = tuple(output_size_for_scale(n, s) for n, s in zip(in_hw, sf))
+    factors: Tuple[Optional[float], ...] = tuple(float(s) for s in sf)
+  else:
+    out_hw = tuple(int(s) for s in size)
+    factors = (None, None)
+  if min(out_hw) <= 0:
+    raise ValueError(f"interpolate: output size {out_hw} from input {in_hw} is empty")
+  for axis, n_in, n_out, f in zip(axes, in_hw, out_hw, factors):
+    if n_in == n_out and f in (None, 1.0):
+      continue  # identity in every mode (source coordinate == destination)
+    x = _apply_along(x, interpolation_matrix(n_in, n_out, method, f), axis)
+  return x
+
+
+def _adaptive_windows(in_size: int, out_size: int):
+  return [((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)) for i in range(out_size)]
+
+
+def _adaptive_max_along(x: jax.Array, out_size: int, axis: int) -> jax.Array:
+  in_size = x.shape[axis]
+  if in_size == out_size:
+    return x
+  if in_size % out_size == 0:  # equal, non-overlapping windows: a reshape
+    k = in_size // out_size
+    shape = x.shape[:axis] + (out_size, k) + x.shape[axis + 1:]
+    return jnp.max(x.reshape(shape), axis=axis + 1)
+  pieces = [jax.lax.slice_in_dim(x, lo, hi, axis=axis).max(axis=axis, keepdims=True)
+            for lo, hi in _adaptive_windows(in_size, out_size)]
+  return jnp.concatenate(pieces, axis=axis)
+
+
+def adaptive_max_pool2d(x: jax.Array, output_size: Sequence[int], axes: Tuple[int, int] = (-2, -1)) -> jax.Array:
+  """`F.adaptive_max_pool2d`: windows [floor(i*in/out), ceil((i+1)*in/out)), separable over the two axes."""
+  axes = tuple(a % x.ndim for a in axes)
+  x = _adaptive_max_along(x, int(output_size[0]), axes[0])
+  return _adaptive_max_along(x, int(output_size[1]), axes[1])

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs san-jax's requirements into it.
+#   bash scripts/setup.sh         runtime only (JAX, Flax, ...; no torch)
+#   bash scripts/setup.sh --dev   plus the conversion/test requirements (CPU torch 2.13.0, pytest)
+# The CLIP BPE vocabulary used by san_jax.text.tokenizer comes from the open_clip_torch wheel, installed
+# with --no-deps so that it cannot pull torchvision or a CUDA torch; nothing is downloaded at run time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+stamp=.venv/.san_jax_setup
+want="$(cat requirements.txt requirements-dev.txt constraints.txt | sha1sum | cut -c1-12)${1:-}"
+if [ -f "$stamp" ] && grep -qx -- "$want" "$stamp"; then
+  exit 0
+fi
+if [ "${1:-}" = "--dev" ]; then
+  pip_install -r requirements-dev.txt -c constraints.txt
+else
+  pip_install -r requirements.txt -c constraints.txt
+fi
+# open_clip_torch: the tokenizer's BPE vocabulary (and, for tests, the reference CLIP); timm: test reference.
+pip_install --no-deps open_clip_torch==3.3.0 timm==1.0.22
+echo "$want" > "$stamp"
