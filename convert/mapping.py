@@ -161,3 +161,27 @@ def nnx_to_torch(flat: Mapping[Path, np.ndarray], table: Sequence[Entry], *,
     for key, arr in zip(e.torch_keys, e.to_torch([np.asarray(flat[p]) for p in e.nnx_paths])):
       out[key] = arr
   return out
+
+
+def conv1x1_as_linear(prefix: str, path: Path, bias: bool = True) -> List[Entry]:
+  """A torch 1x1 Conv2d [out, in, 1, 1] held as a Dense kernel [in, out] (same math on NHWC maps)."""
+  to_nnx = lambda xs: [np.ascontiguousarray(xs[0].reshape(xs[0].shape[:2]).T)]
+  to_torch = lambda xs: [np.ascontiguousarray(xs[0].T)[:, :, None, None]]
+  out = [Entry((f"{prefix}.weight",), (path + ("kernel",),), to_nnx, to_torch)]
+  if bias:
+    out.append(same(f"{prefix}.bias", path + ("bias",)))
+  return out
+
+
+def clip_resblock(prefix: str, path: Path) -> List[Entry]:
+  """An open_clip ResidualAttentionBlock (nn.MultiheadAttention with fused in_proj) <-> ours."""
+  attn = path + ("attn",)
+  qkv = [attn + (n, "kernel") for n in ("q_proj", "k_proj", "v_proj")]
+  qkv_b = [attn + (n, "bias") for n in ("q_proj", "k_proj", "v_proj")]
+  return (layer_norm(f"{prefix}.ln_1", path + ("ln_1",))
+          + [fused_qkv_kernel(f"{prefix}.attn.in_proj_weight", qkv),
+             fused_qkv_bias(f"{prefix}.attn.in_proj_bias", qkv_b)]
+          + linear(f"{prefix}.attn.out_proj", attn + ("out_proj",))
+          + layer_norm(f"{prefix}.ln_2", path + ("ln_2",))
+          + linear(f"{prefix}.mlp.c_fc", path + ("mlp", "c_fc"))
+          + linear(f"{prefix}.mlp.c_proj", path + ("mlp", "c_proj")))

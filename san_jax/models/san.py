@@ -1,0 +1,192 @@
+"""SAN: frozen CLIP + side adapter network + recognition with attention biases + open-vocabulary classifier.
+
+Attribute paths: `clip_visual` (the whole CLIP image tower: the official checkpoint splits it into
+`clip_visual_extractor` = blocks [0, K) and `clip_rec_head` = blocks [K, end) + ln_post + proj),
+`side_adapter_network`, `ov_classifier` (CLIP's text tower + `logit_scale` + `bg_embed`).
+
+Inputs are normalised, zero-padded NHWC batches (see `preprocess`); everything inside the forward has
+static shapes so it jits once per input size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from san_jax.models import clip as clip_lib
+from san_jax.models import layers
+from san_jax.models import rec_head
+from san_jax.models.side_adapter import SideAdapterConfig, SideAdapterNetwork
+from san_jax.ops import resize
+
+# OpenAI CLIP's normalisation in 0..255 units (DESIGN §1).
+PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
+PIXEL_STD = (68.5005327, 66.6321579, 70.32316305)
+
+
+@dataclasses.dataclass(frozen=True)
+class SANConfig:
+  clip: clip_lib.CLIPConfig = clip_lib.clip_config("ViT-B/16")
+  side: SideAdapterConfig = SideAdapterConfig()
+  clip_resolution: float = 0.5
+  feature_last_layer_idx: int = 9
+  size_divisibility: int = 32
+  rec_downsample_method: str = "max"
+  sos_token_format: str = "cls_token"
+  template_set: str = "vild"
+  pixel_mean: Tuple[float, float, float] = PIXEL_MEAN
+  pixel_std: Tuple[float, float, float] = PIXEL_STD
+
+  def validate(self):
+    self.side.validate()
+    k, n = self.feature_last_layer_idx, self.clip.vision.layers
+    if not 0 < k < n:
+      raise ValueError(f"feature_last_layer_idx={k} must be in (0, {n}) for a {n}-layer CLIP")
+    bad = [i for i, _ in self.side.fusion_map if i > k]
+    if bad:
+      raise ValueError(f"fusion_map reads CLIP layers {bad} beyond feature_last_layer_idx={k}")
+    if self.side.clip_width != self.clip.vision.width:
+      raise ValueError(f"side adapter clip_width {self.side.clip_width} != CLIP width {self.clip.vision.width}")
+    if self.sos_token_format != "cls_token":
+      raise NotImplementedError(f"sos_token_format={self.sos_token_format!r}: only 'cls_token' is implemented")
+    if self.clip.text.output_dim != self.clip.text.width:
+      # The official bg_embed has the text width and is concatenated to embeddings of the output dim.
+      raise ValueError("SAN assumes CLIP text width == embed dim (bg_embed has the text width): "
+                       f"{self.clip.text.width} != {self.clip.text.output_dim}")
+
+
+def san_config(name: str, **overrides) -> SANConfig:
+  """The official geometries: "san_vit_b16" and "san_vit_l14" (ViT-L/14-336)."""
+  if name == "san_vit_b16":
+    cfg = SANConfig()
+  elif name == "san_vit_l14":
+    cfg = SANConfig(clip=clip_lib.clip_config("ViT-L/14-336"), clip_resolution=0.7, feature_last_layer_idx=18,
+                    side=SideAdapterConfig(clip_width=1024, fusion_map=((0, 0), (6, 1), (12, 2), (18, 3)),
+                                           attn_bias_heads=16))
+  else:
+    raise ValueError(f"unknown SAN config {name!r}; known: san_vit_b16, san_vit_l14")
+  return dataclasses.replace(cfg, **overrides)
+
+
+class OVClassifier(clip_lib.TextTower):
+  """CLIP's text tower (open_clip names) plus the learnable background embedding and logit scale."""
+
+  def __init__(self, cfg: clip_lib.CLIPConfig, *, rngs, dtype=None, param_dtype=jnp.float32):
+    super().__init__(cfg.text, cfg.quick_gelu, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.logit_scale = nnx.Param(jnp.asarray(np.log(1 / 0.07), param_dtype))
+    self.bg_embed = layers.param(rngs, nnx.initializers.normal(1.0), (1, cfg.text.width), (None, "embed"),
+                                 param_dtype)
+
+  def text_embeddings(self, tokens: jax.Array) -> jax.Array:
+    """tokens [T, C, L] (templates x classes) -> per-template L2-normalised embeddings [T, C, E]."""
+    t, c, length = tokens.shape
+    return self.encode_text(tokens.reshape(t * c, length), normalize=True).reshape(t, c, -1)
+
+  def classifier(self, tokens: jax.Array) -> Dict[str, jax.Array]:
+    """The class embeddings for a vocabulary: template mean, renormalised, bg row appended, scaled."""
+    per_template = self.text_embeddings(tokens)
+    class_emb = clip_lib.l2_normalize(per_template.mean(axis=0))
+    normed = clip_lib.l2_normalize(jnp.concatenate([class_emb, self.bg_embed.value.astype(class_emb.dtype)], 0))
+    return {"text_embed_per_template": per_template, "classifier_normed": normed,
+            "classifier_weight": jnp.exp(self.logit_scale.value) * normed}
+
+
+class SAN(nnx.Module):
+  def __init__(self, cfg: SANConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+    cfg.validate()
+    self.cfg = cfg
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.clip_visual = clip_lib.VisionTransformer(cfg.clip.vision, cfg.clip.quick_gelu,
+                                                  query_chunk=cfg.clip.attention_query_chunk, **kw)
+    self.side_adapter_network = SideAdapterNetwork(cfg.side, **kw)
+    self.ov_classifier = OVClassifier(cfg.clip, **kw)
+
+  # ---- pieces -----------------------------------------------------------------------------------------
+  def clip_input(self, images: jax.Array) -> jax.Array:
+    """The CLIP branch's input: the padded batch resized by `clip_resolution` (torch scale_factor rule)."""
+    return resize.interpolate(images, scale_factor=self.cfg.clip_resolution, method="bilinear", axes=(1, 2))
+
+  def clip_features(self, clip_in: jax.Array) -> Tuple[Dict[int, jax.Array], Tuple[int, int]]:
+    """CLIP taps {layer: tokens [B, 1+h*w, D]} for layers 0..feature_last_layer_idx, and the grid."""
+    k = self.cfg.feature_last_layer_idx
+    _, taps = self.clip_visual(clip_in, stop_at_layer=k)
+    return taps, self.clip_visual.grid_for(clip_in.shape[1], clip_in.shape[2])
+
+  def __call__(self, images: jax.Array, classifier_weight: jax.Array, *, train: bool = False,
+               return_intermediates: bool = False) -> Dict[str, Any]:
+    """images: normalised, padded NHWC [B, H, W, 3]; classifier_weight [C+1, E] (from `classifier`).
+
+    Returns {"mask_preds": [B, N, Q, H/p, W/p], "mask_logits": [B, N, Q, C+1]} with N = number of
+    deep-supervision outputs in training and 1 (the last) in inference; with `return_intermediates`, also
+    the CLIP taps, attention biases, downsampled biases and mask embeddings.
+    """
+    cfg = self.cfg
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"SAN expects a normalised NHWC batch [B, H, W, 3]; got shape {images.shape}")
+    clip_in = self.clip_input(images)
+    taps, grid_hw = self.clip_features(clip_in)
+    clip_maps = {i: clip_lib.tokens_to_map(taps[i], grid_hw)[1] for i in self.side_adapter_network.clip_layers_read}
+    idxs = cfg.side.deep_supervision_idxs if train else cfg.side.deep_supervision_idxs[-1:]
+    outs = self.side_adapter_network(images, clip_maps, deep_supervision_idxs=idxs)
+    mask_preds = jnp.stack([m for m, _ in outs], axis=1)
+    attn_bias = jnp.stack([a for _, a in outs], axis=1)  # [B, N, layers, heads, Q, h, w]
+    mask_embs, small_bias = rec_head.recognize(self.clip_visual, taps[cfg.feature_last_layer_idx], grid_hw,
+                                               attn_bias, cfg.feature_last_layer_idx, cfg.rec_downsample_method)
+    mask_logits = jnp.einsum("bnqc,kc->bnqk", mask_embs, classifier_weight.astype(mask_embs.dtype))
+    result = {"mask_preds": mask_preds, "mask_logits": mask_logits}
+    if return_intermediates:
+      result.update(clip_input=clip_in, clip_taps=taps, attn_bias=attn_bias,
+                    attn_bias_downsampled=small_bias, mask_embs=mask_embs)
+    return result
+
+
+# ---- pre- and post-processing ------------------------------------------------------------------------
+def padded_size(hw: Tuple[int, int], divisibility: int) -> Tuple[int, int]:
+  if divisibility <= 1:
+    return tuple(hw)
+  return tuple(-(-s // divisibility) * divisibility for s in hw)
+
+
+def preprocess(images: Sequence[np.ndarray], cfg: SANConfig,
+               pad_to: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, List[Tuple[int, int]]]:
+  """uint8 HWC RGB images of any sizes -> normalised NHWC float32 batch zero-padded bottom/right to a
+  multiple of `size_divisibility` (or to `pad_to`), and the image sizes. Normalisation happens before
+  padding, as in the official code, so the padding is 0 in normalised units."""
+  sizes = []
+  for i, img in enumerate(images):
+    img = np.asarray(img)
+    if img.ndim != 3 or img.shape[-1] != 3:
+      raise ValueError(f"image {i}: expected an RGB image [H, W, 3], got shape {img.shape} "
+                       "(convert grayscale or RGBA images to RGB first, e.g. san_jax.data.images.to_rgb)")
+    sizes.append(img.shape[:2])
+  hmax, wmax = max(s[0] for s in sizes), max(s[1] for s in sizes)
+  target = padded_size((hmax, wmax), cfg.size_divisibility) if pad_to is None else tuple(pad_to)
+  if target[0] < hmax or target[1] < wmax:
+    raise ValueError(f"pad_to={target} is smaller than the largest image {(hmax, wmax)}")
+  mean = np.asarray(cfg.pixel_mean, np.float32)
+  std = np.asarray(cfg.pixel_std, np.float32)
+  batch = np.zeros((len(sizes), target[0], target[1], 3), np.float32)
+  for i, img in enumerate(images):
+    h, w = sizes[i]
+    batch[i, :h, :w] = (np.asarray(img).astype(np.float32) - mean) / std
+  return batch, sizes
+
+
+def semantic_inference(mask_logits: jax.Array, mask_preds: jax.Array, padded_hw: Tuple[int, int],
+                       image_hw: Tuple[int, int], output_hw: Tuple[int, int]) -> jax.Array:
+  """One image's per-class probabilities [C, out_h, out_w] (official order, POSTPROCESS_BEFORE_INFERENCE):
+  mask logits upsampled to the padded size, cropped to the image, resized to the output size, then
+  sigmoid(masks) combined with softmax(class logits) minus the no-object column.
+
+  mask_logits [Q, C+1], mask_preds [Q, h, w] (logits).
+  """
+  masks = resize.interpolate(mask_preds, size=padded_hw, method="bilinear", axes=(1, 2))
+  masks = masks[:, :image_hw[0], :image_hw[1]]
+  masks = resize.interpolate(masks, size=output_hw, method="bilinear", axes=(1, 2))
+  probs = jax.nn.softmax(mask_logits.astype(jnp.float32), axis=-1)[:, :-1]
+  return jnp.einsum("qc,qhw->chw", probs, jax.nn.sigmoid(masks.astype(jnp.float32)))
