@@ -9,6 +9,14 @@ when all M arrays are produced and within tolerance (DESIGN §4): float arrays m
 argmax maps >= 99.9% equal, integer assignments identical. Arrays are dispatched by name pattern, so a
 case with any geometry, vocabulary or subset of the model works; an array whose name no rule knows is
 reported as not ok.
+
+Training arrays (whole-model cases): `match_<tag>_img<i>_{cost,pred_idx,tgt_idx}`, `loss/<term>`,
+`loss/total` and `grad/<official key>` come from one jitted value-and-grad pass of SAN + the set criterion
+on the case's targets (`gt_<i>_labels`, `gt_<i>_masks`), replaying the recorded point draws
+(`points_matcher_<tag>_img<i>`, `points_criterion_<tag>_{oversample,random}`); <tag> is `final` for the
+last deep-supervision output and `aux<j>` for output j. Gradients are d(loss/total)/d(param), mapped back
+to the official layout through the conversion table. The recorded importance-sampled points
+(`points_criterion_<tag>`) are checked as extra `input:` lines.
 """
 
 from __future__ import annotations
@@ -94,7 +102,12 @@ class Runner:
   def text(self) -> Dict[str, np.ndarray]:
     if "text" not in self._cache:
       tokens = self.tokens()
-      out = self.jax.jit(lambda t: self.model.ov_classifier.classifier(t))(self.jnp.asarray(tokens))
+      def text_pass(t):
+        head = self.model.ov_classifier
+        per_template = head.text_embeddings(t)
+        class_emb = head.class_embeddings(t)
+        return {"text_embed_per_template": per_template, "class_embeddings": class_emb, **head.classifier(class_emb)}
+      out = self.jax.jit(text_pass)(self.jnp.asarray(tokens))
       self._cache["text"] = {k: np.asarray(v, np.float32) for k, v in out.items()}
     return self._cache["text"]
 
@@ -110,7 +123,7 @@ class Runner:
     if key not in self._cache:
       batch = self.jnp.asarray(self.batch())
       if self.whole:
-        cls = self.jnp.asarray(self.text()["classifier_weight"])
+        cls = self.jnp.asarray(self.text()["class_embeddings"])
         fn = self.jax.jit(lambda x, c: self.model(x, c, train=train, return_intermediates=True))
         out = fn(batch, cls)
       else:
@@ -134,6 +147,118 @@ class Runner:
                                        tuple(self.batch().shape[1:3]), tuple(sizes[i]), out_hw))
     return self._cache[key]
 
+  # ---- training: matcher, losses, gradients --------------------------------------------------------------
+  def num_outputs(self) -> int:
+    return len(self.cfg.side.deep_supervision_idxs)
+
+  def criterion_config(self):
+    n_cls = self.text()["classifier_weight"].shape[0] - 1
+    return criterion_config_from_official(self.case.meta["san_cfg"], n_cls)
+
+  def targets(self) -> Dict[str, np.ndarray]:
+    """The case's per-image targets, padded to the batch size (SAN.prepare_targets) and a common count."""
+    if "targets" not in self._cache:
+      from san_jax.losses import criterion
+      inp = self.case.inputs
+      n = len(self.images()[0])
+      missing = [k for i in range(n) for k in (f"gt_{i}_labels", f"gt_{i}_masks") if k not in inp]
+      if missing:
+        raise KeyError(f"training arrays need the targets {missing} in inputs.npz")
+      self._cache["targets"] = criterion.pad_targets([inp[f"gt_{i}_labels"] for i in range(n)],
+                                                     [inp[f"gt_{i}_masks"] for i in range(n)],
+                                                     tuple(self.batch().shape[1:3]))
+    return self._cache["targets"]
+
+  def match_slots(self) -> np.ndarray:
+    """valid [B, K]: slot k of image b holds a match when k < min(Q, n_b) (independent of the assignment)."""
+    valid = self.targets()["valid"]
+    k = min(self.cfg.side.num_queries, valid.shape[1])
+    return np.arange(k)[None, :] < np.minimum(valid.sum(1), self.cfg.side.num_queries)[:, None]
+
+  def draws(self) -> Dict[str, np.ndarray]:
+    """The recorded point draws, in the criterion's layout: per output, matcher points per image and the
+    importance sampler's draws per match slot (the recorded rows are the matched masks in batch order)."""
+    inp, n_img, slots = self.case.inputs, len(self.images()[0]), self.match_slots()
+    matcher, over, rand = [], [], []
+    for s in range(self.num_outputs()):
+      tag = output_tag(s, self.num_outputs())
+      names = [f"points_matcher_{tag}_img{b}" for b in range(n_img)]
+      names += [f"points_criterion_{tag}_oversample", f"points_criterion_{tag}_random"]
+      missing = [k for k in names if k not in inp]
+      if missing:
+        raise KeyError(f"training arrays need the recorded point draws {missing} in inputs.npz")
+      matcher.append(np.concatenate([inp[k].reshape((1,) + inp[k].shape[-2:]) for k in names[:n_img]]))
+      over.append(scatter_slots(inp[names[-2]], slots, names[-2]))
+      rand.append(scatter_slots(inp[names[-1]], slots, names[-1]))
+    return {"matcher": np.stack(matcher), "oversample": np.stack(over), "random": np.stack(rand)}
+
+  def grad_keys(self) -> List[str]:
+    return sorted(k[len("grad/"):] for k in self.case.outputs if k.startswith("grad/"))
+
+  def training(self) -> Dict[str, Any]:
+    """One jitted value-and-grad pass: losses, matches, sampled points and the requested gradients."""
+    if "training" in self._cache:
+      return self._cache["training"]
+    if not self.whole:
+      raise KeyError("training arrays need the whole SAN (this case holds only part of the model)")
+    from flax import nnx
+    from convert import san_checkpoint as sc
+    from san_jax.losses import criterion
+
+    jax, jnp = self.jax, self.jnp
+    crit_cfg = self.criterion_config()
+    by_key = {key: (e, j) for e in sc.san_table(self.cfg) for j, key in enumerate(e.torch_keys)}
+    unknown = [k for k in self.grad_keys() if k not in by_key]
+    if unknown:
+      raise KeyError(f"no parameter maps to the official keys {unknown}")
+    wanted = {p for k in self.grad_keys() for p in by_key[k][0].nnx_paths}
+    graphdef, diff, rest = nnx.split(self.model, lambda path, _: tuple(path) in wanted, ...)
+
+    def loss_fn(diff, rest, images, class_embeddings, targets, draws):
+      model = nnx.merge(graphdef, diff, rest)  # the classifier (bg_embed, logit_scale) runs inside the forward
+      outputs = model(images, class_embeddings, train=True)
+      losses, aux = criterion.set_criterion(outputs, targets, crit_cfg, draws=draws)
+      return criterion.total_loss(losses), (losses, aux)
+
+    fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (total, (losses, aux)), grads = fn(diff, rest, jnp.asarray(self.batch()),
+                                       jnp.asarray(self.text()["class_embeddings"]), self.targets(), self.draws())
+    flat_grads = {tuple(p): np.asarray(v.get_value() if hasattr(v, "get_value") else v)
+                  for p, v in nnx.to_flat_state(grads)}
+    official = {}
+    for key in self.grad_keys():
+      entry, j = by_key[key]
+      official[key] = entry.to_torch([flat_grads[p] for p in entry.nnx_paths])[j]
+    to_np = lambda t: jax.tree_util.tree_map(np.asarray, t)
+    self._cache["training"] = {"total": np.asarray(total), "losses": to_np(losses), "matches": to_np(aux["matches"]),
+                               "point_coords": to_np(aux["point_coords"]), "grads": official}
+    return self._cache["training"]
+
+  def training_array(self, name: str) -> np.ndarray:
+    if name == "loss/total":
+      return self.training()["total"].reshape(1)
+    if name.startswith("loss/"):
+      losses = self.training()["losses"]
+      if name[5:] not in losses:
+        raise KeyError(f"the criterion gives {sorted(losses)}")
+      return losses[name[5:]].reshape(1)
+    if name.startswith("grad/"):
+      return self.training()["grads"][name[5:]]
+    mt = re.fullmatch(r"match_(final|aux\d+)_img(\d+)_(cost|pred_idx|tgt_idx)", name)
+    if not mt:
+      raise KeyError(name)
+    slot = tag_slot(mt.group(1), self.num_outputs())
+    b = int(mt.group(2))
+    match = self.training()["matches"][slot]
+    if mt.group(3) == "cost":
+      return match["cost"][b][:, :int(self.targets()["valid"][b].sum())]
+    return match[mt.group(3)][b][match["valid"][b]].astype(np.int64)
+
+  def selected_points(self, tag: str) -> np.ndarray:
+    """Our importance-sampled points of the matched masks, in the recorded [N_matched, P, 2] order."""
+    slot = tag_slot(tag, self.num_outputs())
+    return self.training()["point_coords"][slot][self.match_slots()]
+
   # ---- arrays by name ----------------------------------------------------------------------------------
   def _ds_slot(self, train: bool, ds: Optional[int]) -> Tuple[Dict[str, Any], int]:
     out = self.run(train)
@@ -149,6 +274,8 @@ class Runner:
     return b.reshape((b.shape[0], b.shape[1] * b.shape[2]) + b.shape[3:])
 
   def compute(self, name: str) -> np.ndarray:
+    if name.startswith(("loss/", "grad/", "match_")):
+      return self.training_array(name)
     mt = re.fullmatch(r"(eval|train_ds(\d+))_(.+)", name)
     if mt:
       train = mt.group(1) != "eval"
@@ -183,7 +310,7 @@ class Runner:
     if name in ("classifier_normed", "classifier_weight", "text_embed_per_template"):
       return self.text()[name]
     if name == "logit_scale_exp":
-      return np.exp(np.asarray(self.model.ov_classifier.logit_scale.value, np.float32)).reshape(1)
+      return np.exp(np.asarray(self.model.ov_classifier.logit_scale[...], np.float32)).reshape(1)
     mt = re.fullmatch(r"sem_seg_(argmax_)?(\d+)", name)
     if mt:
       s = self.semseg(int(mt.group(2)))
@@ -199,8 +326,41 @@ def bias_moments(bias: np.ndarray) -> np.ndarray:
   return np.stack([b.sum((-2, -1)), (b * ys).sum((-2, -1)), (b * xs).sum((-2, -1)), (b * b).sum((-2, -1))], -1)
 
 
-# Arrays the training issue computes (matcher, losses, gradients): reported, not yet produced.
-NOT_YET = re.compile(r"(loss/.*|grad/.*|match_.*)")
+def output_tag(slot: int, num_outputs: int) -> str:
+  """Golden-case name of a deep-supervision output: 'final' for the last, 'aux<slot>' for the others."""
+  return "final" if slot == num_outputs - 1 else f"aux{slot}"
+
+
+def tag_slot(tag: str, num_outputs: int) -> int:
+  slot = num_outputs - 1 if tag == "final" else int(tag[3:])
+  if not 0 <= slot < num_outputs or output_tag(slot, num_outputs) != tag:
+    raise KeyError(f"{tag!r} names no deep-supervision output of {num_outputs}")
+  return slot
+
+
+def scatter_slots(rows: np.ndarray, slots: np.ndarray, what: str) -> np.ndarray:
+  """Recorded per-match rows [N_matched, ...] (matched masks in batch order) -> per slot [B, K, ...]."""
+  if rows.shape[0] != slots.sum():
+    raise KeyError(f"{what} has {rows.shape[0]} rows but the targets give {int(slots.sum())} matches")
+  out = np.zeros(slots.shape + rows.shape[1:], np.float32)
+  out[slots] = rows
+  return out
+
+
+def criterion_config_from_official(san_cfg: Dict[str, Any], num_classes: int):
+  """CriterionConfig from the official cfg's MODEL.SAN (Mask2Former defaults where a key is absent)."""
+  from san_jax.losses.criterion import CriterionConfig
+
+  s = (san_cfg["MODEL"] if "MODEL" in san_cfg else san_cfg)["SAN"]
+  if "NUM_CLASSES" in s and int(s["NUM_CLASSES"]) != num_classes:
+    raise ValueError(f"MODEL.SAN.NUM_CLASSES={s['NUM_CLASSES']} but the classifier has {num_classes} classes")
+  return CriterionConfig(num_classes=num_classes, eos_coef=float(s.get("NO_OBJECT_WEIGHT", 0.1)),
+                         class_weight=float(s.get("CLASS_WEIGHT", 2.0)), mask_weight=float(s.get("MASK_WEIGHT", 5.0)),
+                         dice_weight=float(s.get("DICE_WEIGHT", 5.0)), num_points=int(s.get("TRAIN_NUM_POINTS", 112 * 112)),
+                         oversample_ratio=float(s.get("OVERSAMPLE_RATIO", 3.0)),
+                         importance_sample_ratio=float(s.get("IMPORTANCE_SAMPLE_RATIO", 0.75)))
+
+
 METADATA = {"attn_bias_query_subset"}  # index lists that select stored subsets: not model outputs
 
 
@@ -223,6 +383,42 @@ def compare(name: str, ref: np.ndarray, got: Optional[np.ndarray]) -> Dict[str, 
   return {**row, "ok": err <= tol, "err": err, "tol": tol}
 
 
+def sort_points(p: np.ndarray) -> np.ndarray:
+  """Each row's points [..., P, 2] sorted by (x, y): compares selections as sets."""
+  order = np.lexsort((p[..., 1], p[..., 0]), axis=-1)
+  return np.take_along_axis(p, order[..., None], axis=-2)
+
+
+def selected_points_rows(case: Case, runner: Runner) -> List[Dict[str, Any]]:
+  """Our importance-sampled points vs the recorded `points_criterion_<tag>` (same draws replayed).
+
+  The selection is a top-k of -|logit| over the oversampled points, in descending order: float noise in
+  the logits reorders near-ties (harmless: only the summation order changes) and can swap a near-tie at
+  the k-th place (one point for another). So each row is compared as a set (sorted points), and like
+  argmax maps >= 99.9% of the points must agree; the note also gives the fraction identical in place.
+  """
+  rows = []
+  for name in sorted(case.inputs):
+    mt = re.fullmatch(r"points_criterion_(final|aux\d+)", name)
+    if not mt or not any(k.startswith(("loss/", "grad/", "match_")) for k in case.outputs):
+      continue
+    ref = case.inputs[name]
+    row = {"name": f"input:{name}", "shape": list(ref.shape)}
+    try:
+      got = runner.selected_points(mt.group(1))
+    except KeyError as e:
+      rows.append({**row, "ok": False, "err": None, "tol": None, "note": f"not computed ({e})"})
+      continue
+    if got.shape != ref.shape:
+      rows.append({**row, "ok": False, "err": None, "tol": None, "note": f"shape {got.shape}"})
+      continue
+    in_place = float(np.mean(np.all(got == ref, axis=-1))) if ref.size else 1.0
+    agree = float(np.mean(np.all(sort_points(got) == sort_points(ref), axis=-1))) if ref.size else 1.0
+    rows.append({**row, "ok": agree >= ARGMAX_AGREEMENT, "err": 1.0 - agree, "tol": 1.0 - ARGMAX_AGREEMENT,
+                 "note": f"same point sets {agree:.6f}, same order {in_place:.6f}"})
+  return rows
+
+
 def check(case_dir: str, dtype: str = "float32", out=sys.stdout) -> Tuple[List[Dict[str, Any]], bool]:
   case = Case(case_dir)
   runner = Runner(case, dtype)
@@ -243,9 +439,6 @@ def check(case_dir: str, dtype: str = "float32", out=sys.stdout) -> Tuple[List[D
     if name in METADATA:
       rows.append({"name": name, "shape": list(ref.shape), "ok": True, "err": 0.0, "tol": 0.0, "note": "metadata"})
       continue
-    if NOT_YET.fullmatch(name):
-      rows.append({**compare(name, ref, None), "note": "not yet (training issue)"})
-      continue
     try:
       got = runner.compute(name)
     except KeyError as e:
@@ -256,6 +449,7 @@ def check(case_dir: str, dtype: str = "float32", out=sys.stdout) -> Tuple[List[D
       rows.append(r)
     else:
       rows.append(compare(name, ref, got))
+  extra += selected_points_rows(case, runner)
   for r in extra + rows:
     err = "-" if r["err"] is None else f"{r['err']:.3e}"
     tol = "-" if r["tol"] is None else f"{r['tol']:.3e}"

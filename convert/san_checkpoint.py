@@ -29,7 +29,7 @@ import numpy as np
 
 from convert import mapping as m
 from san_jax.models import clip as clip_lib
-from san_jax.models.san import SANConfig, san_config
+from san_jax.models.san import SANConfig, config_from_dict, config_to_dict, san_config
 from san_jax.models.side_adapter import SideAdapterConfig, parse_fusion_map
 
 SIDE = "side_adapter_network."
@@ -253,21 +253,6 @@ def flat_to_official(flat: Mapping, cfg: SANConfig, num_classes: Optional[int] =
     if num_classes is not None:
       sd["criterion.empty_weight"] = np.array([1.0] * num_classes + [no_object_weight], np.float32)
   return sd
-
-
-def config_to_dict(cfg: SANConfig) -> Dict[str, Any]:
-  return dataclasses.asdict(cfg)
-
-
-def config_from_dict(d: Mapping[str, Any]) -> SANConfig:
-  c = dict(d["clip"])
-  clip_cfg = clip_lib.CLIPConfig(vision=clip_lib.VisionConfig(**c["vision"]), text=clip_lib.TextConfig(**c["text"]),
-                                 quick_gelu=c["quick_gelu"], attention_query_chunk=c.get("attention_query_chunk"))
-  side = dict(d["side"])
-  side["fusion_map"] = tuple(tuple(x) for x in side["fusion_map"])
-  side["deep_supervision_idxs"] = tuple(side["deep_supervision_idxs"])
-  rest = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k not in ("clip", "side")}
-  return SANConfig(clip=clip_cfg, side=SideAdapterConfig(**side), **rest)
 
 
 def default_config_for(sd: Mapping[str, np.ndarray]) -> SANConfig:

@@ -206,7 +206,7 @@ class VisionTransformer(nnx.Module):
 
   def resized_positional_embedding(self, grid_hw: Tuple[int, int]) -> jax.Array:
     """[1 + h*w, D]: the class row as is, the grid part bicubically resized (torch-exact) to grid_hw."""
-    pos = self.positional_embedding.value
+    pos = self.positional_embedding[...]
     g = self.cfg.grid_size
     grid = pos[1:].reshape(g, g, -1)
     grid = resize.interpolate(grid, size=grid_hw, method="bicubic", axes=(0, 1))
@@ -222,18 +222,18 @@ class VisionTransformer(nnx.Module):
     x = self.conv1(images)
     b = x.shape[0]
     x = x.reshape(b, grid_hw[0] * grid_hw[1], -1)
-    cls = jnp.broadcast_to(self.class_embedding.value.astype(x.dtype), (b, 1, x.shape[-1]))
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1)
     x = x + self.resized_positional_embedding(grid_hw).astype(x.dtype)
     return self.ln_pre(x), grid_hw
 
   def pool(self, tokens: jax.Array) -> jax.Array:
     """ln_post on the class token, then the projection: the image embedding [B, E]."""
-    return self.ln_post(tokens[:, 0]) @ self.proj.value.astype(tokens.dtype)
+    return self.ln_post(tokens[:, 0]) @ self.proj[...].astype(tokens.dtype)
 
   def head(self, tokens: jax.Array) -> jax.Array:
     """ln_post then proj on every token (SAN's recognition head applies it to its SOS tokens)."""
-    return self.ln_post(tokens) @ self.proj.value.astype(tokens.dtype)
+    return self.ln_post(tokens) @ self.proj[...].astype(tokens.dtype)
 
   def run_blocks(self, tokens: jax.Array, start: int, stop: Optional[int] = None,
                  attn_bias: Optional[jax.Array] = None) -> jax.Array:
@@ -290,11 +290,11 @@ class TextTower(nnx.Module):
     if tokens.ndim != 2 or tokens.shape[1] > self.text_cfg.context_length:
       raise ValueError(f"text tokens must be [B, L<={self.text_cfg.context_length}], got {tokens.shape}")
     length = tokens.shape[1]
-    x = self.token_embedding(tokens) + self.positional_embedding.value[:length].astype(self.token_embedding.embedding.value.dtype)
+    x = self.token_embedding(tokens) + self.positional_embedding[...][:length].astype(self.token_embedding.embedding[...].dtype)
     x = self.transformer(x, jnp.asarray(causal_mask(length)))
     x = self.ln_final(x)
     eot = jnp.argmax(tokens, axis=-1)
-    x = x[jnp.arange(x.shape[0]), eot] @ self.text_projection.value.astype(x.dtype)
+    x = x[jnp.arange(x.shape[0]), eot] @ self.text_projection[...].astype(x.dtype)
     return l2_normalize(x) if normalize else x
 
 
@@ -321,4 +321,4 @@ class CLIP(TextTower):
   def __call__(self, images: jax.Array, tokens: jax.Array):
     """(image embeddings, text embeddings, logit_scale.exp()), as open_clip's CLIP.forward."""
     return (self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True),
-            jnp.exp(self.logit_scale.value))
+            jnp.exp(self.logit_scale[...]))

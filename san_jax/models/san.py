@@ -21,7 +21,7 @@ from flax import nnx
 from san_jax.models import clip as clip_lib
 from san_jax.models import layers
 from san_jax.models import rec_head
-from san_jax.models.side_adapter import SideAdapterConfig, SideAdapterNetwork
+from san_jax.models.side_adapter import SideAdapterConfig, SideAdapterNetwork, parse_fusion_map
 from san_jax.ops import resize
 
 # OpenAI CLIP's normalisation in 0..255 units (DESIGN §1).
@@ -73,6 +73,35 @@ def san_config(name: str, **overrides) -> SANConfig:
   return dataclasses.replace(cfg, **overrides)
 
 
+def config_to_dict(cfg: SANConfig) -> Dict[str, Any]:
+  """A JSON-able dict of the config (saved beside checkpoints)."""
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: Dict[str, Any]) -> SANConfig:
+  """Inverse of `config_to_dict`; `clip` may also be a variant name ("ViT-B/16") and `side.fusion_map`
+  a list of "clip_layer->side_block" strings (the official notation), as configs write them."""
+  d = dict(d)
+  c = d.pop("clip", "ViT-B/16")
+  if isinstance(c, str):
+    clip_cfg = clip_lib.clip_config(c)
+  else:
+    c = dict(c)
+    clip_cfg = clip_lib.CLIPConfig(vision=clip_lib.VisionConfig(**c["vision"]), text=clip_lib.TextConfig(**c["text"]),
+                                   quick_gelu=c.get("quick_gelu", True),
+                                   attention_query_chunk=c.get("attention_query_chunk"))
+  side = dict(d.pop("side", {}))
+  fm = side.get("fusion_map")
+  if fm is not None:
+    side["fusion_map"] = (parse_fusion_map(fm) if fm and isinstance(fm[0], str)
+                          else tuple(tuple(int(v) for v in x) for x in fm))
+  if "deep_supervision_idxs" in side:
+    side["deep_supervision_idxs"] = tuple(int(i) for i in side["deep_supervision_idxs"])
+  side.setdefault("clip_width", clip_cfg.vision.width)
+  rest = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+  return SANConfig(clip=clip_cfg, side=SideAdapterConfig(**side), **rest)
+
+
 class OVClassifier(clip_lib.TextTower):
   """CLIP's text tower (open_clip names) plus the learnable background embedding and logit scale."""
 
@@ -87,13 +116,17 @@ class OVClassifier(clip_lib.TextTower):
     t, c, length = tokens.shape
     return self.encode_text(tokens.reshape(t * c, length), normalize=True).reshape(t, c, -1)
 
-  def classifier(self, tokens: jax.Array) -> Dict[str, jax.Array]:
-    """The class embeddings for a vocabulary: template mean, renormalised, bg row appended, scaled."""
-    per_template = self.text_embeddings(tokens)
-    class_emb = clip_lib.l2_normalize(per_template.mean(axis=0))
-    normed = clip_lib.l2_normalize(jnp.concatenate([class_emb, self.bg_embed.value.astype(class_emb.dtype)], 0))
-    return {"text_embed_per_template": per_template, "classifier_normed": normed,
-            "classifier_weight": jnp.exp(self.logit_scale.value) * normed}
+  def class_embeddings(self, tokens: jax.Array) -> jax.Array:
+    """[T, C, L] -> [C, E]: the template mean of the normalised embeddings, renormalised. Depends only on
+    the frozen text tower, so it is computed once per vocabulary and cached (san_jax.text.classifier)."""
+    return clip_lib.l2_normalize(self.text_embeddings(tokens).mean(axis=0))
+
+  def classifier(self, class_embeddings: jax.Array) -> Dict[str, jax.Array]:
+    """[C, E] class embeddings -> the classifier: bg row appended, rows normalised, times exp(logit_scale).
+    Runs inside every forward: bg_embed is trainable."""
+    bg = self.bg_embed[...].astype(class_embeddings.dtype)
+    normed = clip_lib.l2_normalize(jnp.concatenate([class_embeddings, bg], 0))
+    return {"classifier_normed": normed, "classifier_weight": jnp.exp(self.logit_scale[...]) * normed}
 
 
 class SAN(nnx.Module):
@@ -117,9 +150,10 @@ class SAN(nnx.Module):
     _, taps = self.clip_visual(clip_in, stop_at_layer=k)
     return taps, self.clip_visual.grid_for(clip_in.shape[1], clip_in.shape[2])
 
-  def __call__(self, images: jax.Array, classifier_weight: jax.Array, *, train: bool = False,
+  def __call__(self, images: jax.Array, class_embeddings: jax.Array, *, train: bool = False,
                return_intermediates: bool = False) -> Dict[str, Any]:
-    """images: normalised, padded NHWC [B, H, W, 3]; classifier_weight [C+1, E] (from `classifier`).
+    """images: normalised, padded NHWC [B, H, W, 3]; class_embeddings [C, E] (text only, from
+    `ov_classifier.class_embeddings`, cached per vocabulary).
 
     Returns {"mask_preds": [B, N, Q, H/p, W/p], "mask_logits": [B, N, Q, C+1]} with N = number of
     deep-supervision outputs in training and 1 (the last) in inference; with `return_intermediates`, also
@@ -137,11 +171,13 @@ class SAN(nnx.Module):
     attn_bias = jnp.stack([a for _, a in outs], axis=1)  # [B, N, layers, heads, Q, h, w]
     mask_embs, small_bias = rec_head.recognize(self.clip_visual, taps[cfg.feature_last_layer_idx], grid_hw,
                                                attn_bias, cfg.feature_last_layer_idx, cfg.rec_downsample_method)
+    classifier_weight = self.ov_classifier.classifier(class_embeddings)["classifier_weight"]
     mask_logits = jnp.einsum("bnqc,kc->bnqk", mask_embs, classifier_weight.astype(mask_embs.dtype))
     result = {"mask_preds": mask_preds, "mask_logits": mask_logits}
     if return_intermediates:
       result.update(clip_input=clip_in, clip_taps=taps, attn_bias=attn_bias,
-                    attn_bias_downsampled=small_bias, mask_embs=mask_embs)
+                    attn_bias_downsampled=small_bias, mask_embs=mask_embs,
+                    classifier_weight=classifier_weight)
     return result
 
 

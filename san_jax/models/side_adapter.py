@@ -202,8 +202,8 @@ class MLPMaskDecoder(nnx.Module):
     attn = attn.reshape(b, h, w, cfg.attn_bias_layers, cfg.attn_bias_heads, cfg.attn_bias_embed)
     bias = jnp.einsum("bqc,bhwlnc->blnqhw", q, attn)
     if cfg.rescale_attn_bias:
-      kernel = self.bias_scaling.kernel.value.reshape(())
-      bias = bias * kernel.astype(bias.dtype) + self.bias_scaling.bias.value.reshape(()).astype(bias.dtype)
+      kernel = self.bias_scaling.kernel[...].reshape(())
+      bias = bias * kernel.astype(bias.dtype) + self.bias_scaling.bias[...].reshape(()).astype(bias.dtype)
     return mask_preds, bias
 
 
@@ -225,7 +225,7 @@ class SideAdapterNetwork(nnx.Module):
     return tuple(sorted({i for i, _ in self.cfg.fusion_map}))
 
   def _patch_pos_embed(self, grid_hw: Tuple[int, int], num_tokens: int) -> jax.Array:
-    pos = self.vit_model.pos_embed.value
+    pos = self.vit_model.pos_embed[...]
     if pos.shape[1] == num_tokens:  # resized only when the token count differs (the official rule)
       return pos
     g = self.cfg.grid_size
@@ -253,8 +253,8 @@ class SideAdapterNetwork(nnx.Module):
       raise ValueError(f"side adapter needs CLIP layers {list(self.clip_layers_read)}; missing {missing}")
     x, grid_hw = self.vit_model.patch_embed(images)
     b, n = x.shape[0], x.shape[1]
-    pos = jnp.concatenate([self.query_pos_embed.value, self._patch_pos_embed(grid_hw, n)], axis=1).astype(x.dtype)
-    queries = jnp.broadcast_to(self.query_embed.value.astype(x.dtype), (b,) + self.query_embed.value.shape[1:])
+    pos = jnp.concatenate([self.query_pos_embed[...], self._patch_pos_embed(grid_hw, n)], axis=1).astype(x.dtype)
+    queries = jnp.broadcast_to(self.query_embed[...].astype(x.dtype), (b,) + self.query_embed[...].shape[1:])
     x = jnp.concatenate([queries, x], axis=1) + pos
     x = self._fuse(0, x, clip_maps, grid_hw, n)
     outs = []

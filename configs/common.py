@@ -1,0 +1,89 @@
+"""Pieces shared by every san-jax config: the official SAN recipe (DESIGN §1) as ml_collections blocks.
+
+A config is `get_config(arg)` returning a ConfigDict with sections:
+  model      the SAN geometry (san_jax.models.san.config_from_dict reads it) and compute dtype
+  train      steps, batch, optimizer, schedule, clipping, trainable patterns, precision, logging, checkpoints
+  data       training/eval data sets, augmentation and input pipeline
+  mesh       device-mesh axis sizes and the logical-axis -> mesh-axis rules
+  eval       evaluators, test-time augmentation, sliding windows
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Parameters SAN trains; everything else (CLIP image and text towers) is frozen. Regexes over
+# dotted parameter paths (e.g. "side_adapter_network.vit_model.blocks.0.attn.qkv.kernel").
+TRAINABLE_PATTERNS = (r"^side_adapter_network\.", r"^ov_classifier\.bg_embed$", r"^clip_visual\.positional_embedding$")
+# The official optimizer gives these no weight decay (SOLVER.WEIGHT_DECAY_EMBED_GROUP, plus LayerNorms).
+NO_DECAY_PATTERNS = (r"pos_embed", r"positional_embedding", r"query_embed", r"(^|\.)norm\d*\.", r"(^|\.)ln_",
+                     r"input_proj\.0\.")
+# detectron2 ResizeShortestEdge MIN_SIZE_TRAIN of the SAN COCO configs: 320, 384, ..., 960 (DESIGN §1).
+MIN_SIZE_TRAIN = tuple(int(x * 0.1 * 640) for x in range(5, 16))
+
+
+def model_b16() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      clip="ViT-B/16", clip_resolution=0.5, feature_last_layer_idx=9, size_divisibility=32,
+      rec_downsample_method="max", sos_token_format="cls_token", template_set="vild",
+      side=dict(image_size=640, patch_size=16, width=240, depth=8, heads=6, mlp_ratio=4.0, num_queries=100,
+                fusion_map=["0->0", "3->1", "6->2", "9->3"], deep_supervision_idxs=[7, 8],
+                attn_bias_heads=12, attn_bias_layers=1, attn_bias_embed=256, attn_bias_mlp=256,
+                attn_bias_mlp_layers=3, rescale_attn_bias=True),
+  ))
+
+
+def model_l14() -> ml_collections.ConfigDict:
+  m = model_b16()
+  m.clip = "ViT-L/14-336"
+  m.clip_resolution = 0.7
+  m.feature_last_layer_idx = 18
+  m.side.fusion_map = ["0->0", "6->1", "12->2", "18->3"]
+  m.side.attn_bias_heads = 16
+  return m
+
+
+def train() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      steps=60_000, batch_size=32, seed=0,
+      compute_dtype="bfloat16",  # mixed precision: bf16 compute, float32 master weights and optimizer state
+      trainable_patterns=list(TRAINABLE_PATTERNS),
+      optimizer=dict(name="adamw", lr=1e-4, weight_decay=1e-4, b1=0.9, b2=0.999, eps=1e-8,
+                     no_decay_patterns=list(NO_DECAY_PATTERNS)),
+      schedule=dict(name="poly", power=0.9, warmup_steps=0),
+      clip_grad_norm=0.01,
+      criterion=dict(class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
+                     num_points=112 * 112, oversample_ratio=3.0, importance_sample_ratio=0.75, max_targets=64),
+      on_nonfinite="stop",  # or "skip": never write a poisoned checkpoint
+      log_every=20, checkpoint_every=1000, keep_checkpoints=3, eval_every=5000,
+      init_from="",  # a converted official SAN or CLIP checkpoint (params only) for a fresh run
+  ))
+
+
+def data(dataset: str = "coco_stuff_171") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      train=dataset, train_split="train", data_dir="", crop_size=640,
+      min_size_train=list(MIN_SIZE_TRAIN), max_size_train=2560, single_category_max_area=1.0,
+      color_aug_ssd=True, flip=True, ignore_label=255, shuffle_buffer=1000, prefetch=2, num_workers=0,
+      eval_datasets=["coco_stuff_171"], eval_min_size=640, eval_max_size=2560,
+  ))
+
+
+def mesh() -> ml_collections.ConfigDict:
+  # -1: all remaining devices. Logical axes of parameters/activations -> mesh axes.
+  return ml_collections.ConfigDict(dict(
+      shape=dict(data=-1, fsdp=1, model=1),
+      rules=[("batch", ("data", "fsdp")), ("embed", "fsdp"), ("clip_embed", "fsdp"), ("mlp", "model"),
+             ("heads", "model"), ("vocab", "model")],
+  ))
+
+
+def evaluation() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      evaluators=["sem_seg"], tta=False, tta_scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75], tta_flip=True,
+      sliding_window=False, window=640, stride=426, batch_size=1,
+  ))
+
+
+def base(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(model=model, train=train(), data=data(), mesh=mesh(), eval=evaluation()))

@@ -1,0 +1,100 @@
+"""Vocabulary -> class text embeddings, computed once per vocabulary and cached.
+
+The text tower is frozen, so a vocabulary's class embeddings ([C, E]: per template L2-normalised,
+averaged over the templates, renormalised) never change; the model appends the trainable background row
+and applies the logit scale in its forward. Classes are embedded in fixed-size chunks, padded, so one
+compiled function serves vocabularies of any size (1 to thousands of classes) without recompiling.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from san_jax.text import templates as templates_lib
+from san_jax.text import tokenizer as tokenizer_lib
+
+
+class VocabularyError(ValueError):
+  """A vocabulary that cannot be prompted: empty, blank or duplicated class names."""
+
+
+def validate_vocabulary(vocabulary: Sequence[str]) -> Tuple[str, ...]:
+  """Strips names and rejects empty vocabularies, blank names and duplicates (naming them)."""
+  if isinstance(vocabulary, str):
+    raise VocabularyError("vocabulary must be a sequence of class names, not one string "
+                          "(split it, e.g. san_jax.text.classifier.parse_vocabulary)")
+  names = [str(v).strip() for v in vocabulary]
+  if not names:
+    raise VocabularyError("the vocabulary is empty: give at least one class name")
+  blank = [i for i, n in enumerate(names) if not n]
+  if blank:
+    raise VocabularyError(f"blank class names at positions {blank}")
+  seen: Dict[str, int] = {}
+  dups = []
+  for i, n in enumerate(names):
+    key = " ".join(n.lower().split())  # the tokenizer lowercases and collapses whitespace: same prompt
+    if key in seen:
+      dups.append(f"{names[seen[key]]!r} and {n!r} (positions {seen[key]} and {i})")
+    else:
+      seen[key] = i
+  if dups:
+    raise VocabularyError("duplicate class names (they would give identical prompts): " + ", ".join(dups))
+  return tuple(names)
+
+
+def parse_vocabulary(text: str) -> Tuple[str, ...]:
+  """"cat, dog; grass" or one name per line -> ("cat", "dog", "grass"). Commas inside a name are not
+  supported here: use a vocabulary file with one class per line for names like "road, route"."""
+  if "\n" in text.strip():
+    parts = text.splitlines()
+  else:
+    parts = text.replace(";", ",").split(",")
+  return validate_vocabulary([p for p in parts if p.strip()])
+
+
+def read_vocabulary_file(path: str) -> Tuple[str, ...]:
+  """One class per line; blank lines and lines starting with '#' are skipped."""
+  with open(path, encoding="utf-8") as f:
+    lines = [ln.strip() for ln in f]
+  return validate_vocabulary([ln for ln in lines if ln and not ln.startswith("#")])
+
+
+class ClassEmbeddingCache:
+  """vocabulary -> class embeddings [C, E] (jax array), cached per (vocabulary, template set).
+
+  `text_head` is an NNX module with `class_embeddings(tokens [T, C, L]) -> [C, E]` (SAN's
+  `ov_classifier`); its parameters are passed to the jitted function as arguments (not baked in as
+  constants), and it is called on fixed-size chunks of classes.
+  """
+
+  def __init__(self, text_head: nnx.Module, template_set: str = "vild", chunk: int = 32,
+               context_length: int = 77):
+    graphdef, state = nnx.split(text_head)
+    embed = jax.jit(lambda st, tokens: nnx.merge(graphdef, st).class_embeddings(tokens))
+    self._embed = lambda tokens: embed(state, tokens)
+    self.templates = templates_lib.get_templates(template_set)
+    self.chunk = chunk
+    self.context_length = context_length
+    self._cache: Dict[Tuple[str, ...], jax.Array] = {}
+
+  def tokens(self, names: Sequence[str]) -> np.ndarray:
+    """[T, C, L] token ids: every template filled with every class name."""
+    return np.stack([tokenizer_lib.tokenize([t.format(n) for n in names], self.context_length)
+                     for t in self.templates])
+
+  def __call__(self, vocabulary: Sequence[str]) -> jax.Array:
+    names = validate_vocabulary(vocabulary)
+    if names not in self._cache:
+      tokens = self.tokens(names)
+      c = len(names)
+      padded = -(-c // self.chunk) * self.chunk
+      if padded > c:  # pad with copies of the first class: cheap, and sliced away below
+        tokens = np.concatenate([tokens, np.repeat(tokens[:, :1], padded - c, axis=1)], axis=1)
+      parts = [self._embed(jnp.asarray(tokens[:, i:i + self.chunk])) for i in range(0, padded, self.chunk)]
+      self._cache[names] = jnp.concatenate(parts, axis=0)[:c]
+    return self._cache[names]

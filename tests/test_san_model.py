@@ -1,0 +1,192 @@
+"""SAN model: golden-case parity (forward), official-checkpoint conversion, parameter counts, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import common, tiny
+from convert import check_parity
+from convert import mapping
+from convert import san_checkpoint as sc
+from san_jax.models import params as params_lib
+from san_jax.models import san as san_lib
+from tests.conftest import REFERENCE, case_dir
+
+
+TRAINING_ARRAYS = re.compile(r"(loss/.*|grad/.*|match_.*)")  # checked with the losses (test_losses.py)
+
+
+def _rows_by_name(case):
+  rows, ok = check_parity.check(str(case_dir(case)), out=io.StringIO())
+  return {r["name"]: r for r in rows}, ok
+
+
+def test_parity_side_adapter_full_geometry():
+  rows, ok = _rows_by_name("side_adapter_b16_full")
+  bad = {n: r for n, r in rows.items() if not r["ok"]}
+  assert ok and not bad, bad
+
+
+def test_parity_tiny_b16_forward_arrays():
+  rows, _ = _rows_by_name("tiny_b16")
+  forward = {n: r for n, r in rows.items() if not TRAINING_ARRAYS.fullmatch(n)}
+  # every kind of forward array is present: taps, classifier, biases, embeddings, logits, sem_seg, argmax
+  for pattern in ["clip_feat_\\d+", "clip_input", "classifier_weight", "eval_mask_preds", "eval_attn_bias",
+                  "eval_rec_attn_bias_downsampled", "eval_mask_embs", "eval_mask_logits",
+                  "train_ds\\d+_mask_logits", "sem_seg_\\d+", "sem_seg_argmax_\\d+", "input:text_tokens"]:
+    assert any(re.fullmatch(pattern, n) for n in forward), pattern
+  bad = {n: r for n, r in forward.items() if not r["ok"]}
+  assert not bad, bad
+
+
+def _manifest(name):
+  path = REFERENCE / "manifests" / f"{name}.json"
+  if not path.exists():
+    pytest.skip(f"{path} not found")
+  return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("manifest,config", [("san_vit_b_16", "san_vit_b16"), ("san_vit_large_14", "san_vit_l14")])
+def test_manifest_state_dict_round_trip(manifest, config):
+  man = _manifest(manifest)
+  cfg = san_lib.san_config(config)
+  rng = np.random.default_rng(0)
+  sd = {}
+  for key, shape, _ in man["state_dict"]:
+    sd[key] = rng.standard_normal(size=shape, dtype=np.float32) if len(shape) else np.float32(rng.standard_normal())
+  sd["ov_classifier.attn_mask"] = np.triu(np.full((77, 77), -np.inf, np.float32), 1)
+  n_cls = man["san_cfg"]["MODEL"]["SAN"]["NUM_CLASSES"]
+  sd["criterion.empty_weight"] = np.array([1.0] * n_cls + [0.1], np.float32)
+  model = nnx.eval_shape(lambda: san_lib.SAN(cfg, rngs=nnx.Rngs(0)))
+  shapes = params_lib.param_shapes(model)
+  flat = sc.official_to_flat(sd, cfg, shapes)
+  assert set(flat) == set(shapes)
+  assert all(tuple(flat[p].shape) == tuple(s) for p, s in shapes.items())
+  back = sc.flat_to_official(flat, cfg, num_classes=n_cls)
+  assert list(back) == list(sd) or set(back) == set(sd)
+  for k, v in sd.items():
+    assert back[k].shape == np.shape(v), k
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("config,manifest", [("san_vit_b16", "san_vit_b_16"), ("san_vit_l14", "san_vit_large_14")])
+def test_trainable_parameter_count(config, manifest):
+  man = _manifest(manifest)
+  model = nnx.eval_shape(lambda: san_lib.SAN(san_lib.san_config(config), rngs=nnx.Rngs(0)))
+  trainable = params_lib.select(params_lib.flat_params(model), common.TRAINABLE_PATTERNS)
+  assert params_lib.count(trainable) == man["num_params_trainable"]
+  assert params_lib.count(trainable) == {"san_vit_b16": 8_370_866, "san_vit_l14": 9_321_650}[config]
+
+
+def _tiny_case_sd_and_cfg():
+  d = case_dir("tiny_b16")
+  meta = json.loads((d / "case.json").read_text())
+  cfg = sc.config_from_official(meta["san_cfg"], meta["clip_model_config"], meta["side_adapter_timm_vit"]["kwargs"])
+  return sc.load_torch_state_dict(str(d / "model.pth")), cfg
+
+
+def test_checkpoint_geometry_mismatch_names_the_problem():
+  sd, cfg = _tiny_case_sd_and_cfg()
+  import dataclasses
+  wrong = dataclasses.replace(cfg, side=dataclasses.replace(cfg.side, depth=cfg.side.depth + 1, num_queries=7))
+  model = nnx.eval_shape(lambda: san_lib.SAN(wrong, rngs=nnx.Rngs(0)))
+  with pytest.raises(mapping.ConversionError) as err:
+    sc.official_to_flat(sd, wrong, params_lib.param_shapes(model))
+  msg = str(err.value)
+  assert "side depth" in msg and "num_queries" in msg
+
+
+def test_checkpoint_missing_extra_and_misshaped_keys_are_listed():
+  sd, cfg = _tiny_case_sd_and_cfg()
+  shapes = params_lib.param_shapes(nnx.eval_shape(lambda: san_lib.SAN(cfg, rngs=nnx.Rngs(0))))
+  sd = dict(sd)
+  del sd["side_adapter_network.vit_model.blocks.1.mlp.fc1.bias"]
+  sd["side_adapter_network.extra_thing"] = np.zeros(3, np.float32)
+  sd["clip_rec_head.ln_post.weight"] = np.zeros(5, np.float32)
+  with pytest.raises(mapping.ConversionError) as err:
+    sc.official_to_flat(sd, cfg, shapes)
+  msg = str(err.value)
+  assert "blocks.1.mlp.fc1.bias" in msg and "extra_thing" in msg and "ln_post" in msg
+
+
+def test_checkpoint_bad_buffers_are_rejected():
+  sd, cfg = _tiny_case_sd_and_cfg()
+  shapes = params_lib.param_shapes(nnx.eval_shape(lambda: san_lib.SAN(cfg, rngs=nnx.Rngs(0))))
+  bad = dict(sd, **{"ov_classifier.attn_mask": np.zeros((77, 77), np.float32)})
+  with pytest.raises(mapping.ConversionError, match="attn_mask"):
+    sc.official_to_flat(bad, cfg, shapes)
+  bad = dict(sd, **{"criterion.empty_weight": np.array([1, 2, 0.1], np.float32)})
+  with pytest.raises(mapping.ConversionError, match="empty_weight"):
+    sc.official_to_flat(bad, cfg, shapes)
+
+
+def test_config_round_trips_and_named_configs_match_ml_collections():
+  from configs import san_vit_b16_coco, san_vit_l14_coco
+  for mod, name in [(san_vit_b16_coco, "san_vit_b16"), (san_vit_l14_coco, "san_vit_l14")]:
+    cfg = san_lib.config_from_dict(mod.get_config().model.to_dict())
+    assert cfg == san_lib.san_config(name)
+    assert san_lib.config_from_dict(json.loads(json.dumps(san_lib.config_to_dict(cfg)))) == cfg
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_segmenter():
+  from san_jax.evaluation.inference import Segmenter
+  cfg = san_lib.config_from_dict(tiny.get_config().model.to_dict())
+  return Segmenter(san_lib.SAN(cfg, rngs=nnx.Rngs(0)))
+
+
+def test_vocabulary_errors(tiny_segmenter):
+  from san_jax.text.classifier import VocabularyError
+  img = np.zeros((40, 40, 3), np.uint8)
+  with pytest.raises(VocabularyError, match="empty"):
+    tiny_segmenter.segment(img, [])
+  with pytest.raises(VocabularyError, match="duplicate.*'dog'"):
+    tiny_segmenter.segment(img, ["cat", "dog", "Dog "])
+  with pytest.raises(VocabularyError, match="blank"):
+    tiny_segmenter.segment(img, ["cat", "  "])
+  with pytest.raises(VocabularyError, match="not one string"):
+    tiny_segmenter.segment(img, "cat, dog")
+
+
+def test_large_vocabulary_is_chunked_and_cached(tiny_segmenter):
+  vocab = [f"thing number {i}" for i in range(70)]
+  emb = tiny_segmenter.class_embeddings(vocab)
+  assert emb.shape == (70, 32)
+  assert tiny_segmenter.class_embeddings(vocab) is emb  # cached
+  # chunking does not change the numbers: the first classes embedded alone agree
+  alone = tiny_segmenter.class_embeddings(vocab[:3])
+  np.testing.assert_allclose(np.asarray(alone), np.asarray(emb[:3]), atol=1e-6)
+
+
+@pytest.mark.parametrize("image", [
+    np.full((37, 45), 128, np.uint8),                       # grayscale
+    np.full((37, 45, 4), 200, np.uint8),                    # RGBA
+    np.full((37, 45, 3), 40000, np.uint16),                 # 16-bit
+    np.full((9, 7, 3), 10, np.uint8),                       # smaller than one 16x16 patch: padded to 32
+])
+def test_any_image_format_gives_a_label_map_of_its_size(tiny_segmenter, image):
+  probs, labels = tiny_segmenter.segment(image, ["cat", "dog", "grass"])
+  assert labels.shape == image.shape[:2] and probs.shape == (3,) + image.shape[:2]
+  assert np.isfinite(probs).all()
+
+
+def test_preprocess_rejects_non_rgb_with_a_clear_message():
+  cfg = san_lib.san_config("san_vit_b16")
+  with pytest.raises(ValueError, match=r"image 0: expected an RGB image \[H, W, 3\], got shape \(20, 20, 4\)"):
+    san_lib.preprocess([np.zeros((20, 20, 4), np.uint8)], cfg)
+
+
+def test_unpadded_input_smaller_than_a_patch_is_an_error():
+  import dataclasses
+  import jax.numpy as jnp
+  cfg = san_lib.config_from_dict(tiny.get_config().model.to_dict())
+  model = san_lib.SAN(dataclasses.replace(cfg, size_divisibility=1), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="smaller than one 16x16 patch"):
+    model(jnp.zeros((1, 20, 20, 3)), jnp.zeros((2, 32)))
