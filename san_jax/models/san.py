@@ -213,6 +213,19 @@ def preprocess(images: Sequence[np.ndarray], cfg: SANConfig,
   return batch, sizes
 
 
+def normalize_on_device(images: jax.Array, image_sizes: jax.Array, cfg: SANConfig) -> jax.Array:
+  """uint8 NHWC canvases + content sizes [B, 2] -> normalised float32, zero outside each image's content:
+  what the official model sees after normalising and zero-padding a batch (the pad is 0 after
+  normalisation), computed on device so the input pipeline ships uint8."""
+  mean = jnp.asarray(cfg.pixel_mean, jnp.float32)
+  std = jnp.asarray(cfg.pixel_std, jnp.float32)
+  x = (images.astype(jnp.float32) - mean) / std
+  h, w = images.shape[1], images.shape[2]
+  inside = ((jnp.arange(h)[None, :, None] < image_sizes[:, 0, None, None])
+            & (jnp.arange(w)[None, None, :] < image_sizes[:, 1, None, None]))
+  return jnp.where(inside[..., None], x, 0.0)
+
+
 def semantic_inference(mask_logits: jax.Array, mask_preds: jax.Array, padded_hw: Tuple[int, int],
                        image_hw: Tuple[int, int], output_hw: Tuple[int, int]) -> jax.Array:
   """One image's per-class probabilities [C, out_h, out_w] (official order, POSTPROCESS_BEFORE_INFERENCE):

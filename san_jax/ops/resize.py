@@ -106,12 +106,16 @@ def output_size_for_scale(size: int, scale_factor: float) -> int:
   return int(math.floor(float(size) * float(scale_factor)))
 
 
+_LETTERS = "abcdefghijklmnpqrstuvwxyz"  # "o" is kept for the output axis
+
+
 def _apply_along(x: jax.Array, mat: np.ndarray, axis: int) -> jax.Array:
+  """out = mat @ x along `axis`, contracted in place (no transposes of the big array)."""
   mat = jnp.asarray(mat, dtype=x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32)
-  moved = jnp.moveaxis(x, axis, -1)
+  dims = _LETTERS[:x.ndim]
+  out_dims = dims[:axis] + "o" + dims[axis + 1:]
   # HIGHEST: float32 matmuls on TPU/GPU would otherwise run in bfloat16 passes and break parity.
-  out = jnp.einsum("...i,oi->...o", moved, mat, precision=jax.lax.Precision.HIGHEST)
-  return jnp.moveaxis(out, -1, axis)
+  return jnp.einsum(f"{dims},o{dims[axis]}->{out_dims}", x, mat, precision=jax.lax.Precision.HIGHEST)
 
 
 def interpolate(x: jax.Array, size: Optional[Sequence[int]] = None, *,

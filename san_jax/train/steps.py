@@ -99,10 +99,16 @@ class Trainer:
 
   # ---- the step ---------------------------------------------------------------------------------------
   def loss_fn(self, params, frozen, batch, class_embeddings, rng):
+    """batch: image uint8 [B, H, W, 3], image_size int [B, 2], labels [B, T], masks [B, T, H, W],
+    valid bool [B, T] (the input pipeline's training batches)."""
     model = nnx.merge(self.graphdef, params, frozen)
-    out = model(batch["images"], class_embeddings, train=True)
+    images = san_lib.normalize_on_device(batch["image"], batch["image_size"], self.model_cfg)
+    if self.compute_dtype is not None:
+      images = images.astype(self.compute_dtype)
+    out = model(images, class_embeddings, train=True)
     out = {k: v.astype(jnp.float32) for k, v in out.items()}
-    targets = {"labels": batch["labels"], "masks": batch["masks"], "valid": batch["valid"]}
+    valid = batch["valid"]
+    targets = {"labels": jnp.where(valid, batch["labels"], 0), "masks": batch["masks"], "valid": valid}
     losses, _ = criterion_lib.set_criterion(out, targets, self.criterion, rng=rng)
     return criterion_lib.total_loss(losses), losses
 

@@ -1,0 +1,224 @@
+"""The training loop: data -> sharded steps -> metrics, TensorBoard, checkpoints, resumption.
+
+Resume order (DESIGN §3.7): the run's own latest checkpoint in WORKDIR/checkpoints (a corrupt latest
+step is skipped with a warning), else `train.resume_from` (another run's full train state), else
+`train.init_from` (parameters only: a converted official SAN or CLIP checkpoint), else the seeded random
+initialisation. Frozen parameters are never checkpointed: they are rebuilt from the same source
+(`init_from` or the seed), so a checkpoint holds the trainable parameters, the optimizer state, the step,
+and the data iterator's position. A SIGTERM (preemption) saves at the next step boundary and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from san_jax import checkpoint
+from san_jax.data import pipeline as pipeline_lib
+from san_jax.models import san as san_lib
+from san_jax.train import sharding, steps
+
+log = logging.getLogger("san_jax.train")
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient norm became NaN/inf and train.on_nonfinite == "stop"."""
+
+
+def make_source(data_cfg, split: str):
+  """The data set named by the config: "shapes" (synthetic, in memory) or a built TFDS data set."""
+  if data_cfg.train == "shapes":
+    from san_jax.data import shapes
+    n = int(data_cfg.get("num_examples", 512))
+    size = int(data_cfg.get("shapes_image_size", 192))
+    classes = data_cfg.get("shapes_classes", None)
+    spec = shapes.ShapesSpec(image_size=(size, size), classes=tuple(classes) if classes else None)
+    return shapes.ShapesSource(n, seed=int(data_cfg.get("shapes_seed", 0)), split=split, spec=spec)
+  if not data_cfg.data_dir:
+    raise ValueError(f"data.data_dir is empty: build {data_cfg.train!r} first (python -m san_jax.data.build "
+                     f"{data_cfg.train} --manual_dir ... --data_dir DIR) and pass --config.data.data_dir=DIR")
+  return pipeline_lib.load_source(data_cfg.train, split, data_cfg.data_dir)
+
+
+def class_names(source, data_cfg):
+  names = getattr(source, "class_names", None)
+  if callable(names):
+    names = names()
+  if names:
+    return tuple(names)
+  from san_jax.data import vocabularies
+  return vocabularies.get_vocabulary(data_cfg.train)
+
+
+def make_pipeline(source, cfg, process_index: int, process_count: int):
+  from san_jax.data import augment
+  d, t = cfg.data, cfg.train
+  aug = augment.TrainAugConfig(
+      min_size_train=tuple(d.min_size_train), max_size_train=d.max_size_train,
+      crop_size=(d.crop_size, d.crop_size), single_category_max_area=d.single_category_max_area,
+      color_aug_ssd=d.color_aug_ssd, flip=d.flip, ignore_label=d.ignore_label,
+      max_targets=t.criterion.max_targets)
+  if t.batch_size % process_count:
+    raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {process_count} hosts")
+  return pipeline_lib.make_pipeline(source, mode="train", batch_size=t.batch_size // process_count, seed=t.seed,
+                                    process_index=process_index, process_count=process_count,
+                                    num_workers=d.num_workers, prefetch=d.prefetch, train_aug=aug,
+                                    ignore_label=d.ignore_label)
+
+
+STEP_KEYS = ("image", "image_size", "labels", "masks", "valid")
+
+
+class MetricsWriter:
+  """metrics.jsonl (one JSON object per logged step) and TensorBoard event files, on host 0 only."""
+
+  def __init__(self, workdir: Path, enabled: bool):
+    self.enabled = enabled
+    self.tb = None
+    if not enabled:
+      return
+    self.path = workdir / "metrics.jsonl"
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+    except ImportError:  # TensorBoard logging is optional
+      log.warning("tensorboardX not installed: no TensorBoard event files")
+
+  def write(self, row: Dict[str, float]):
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self.tb is not None:
+      for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self.tb.add_scalar(k, v, row["step"])
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def _load_init_params(path: str):
+  """A params-only checkpoint (convert.san_checkpoint or convert.clip_checkpoint output) -> flat params
+  for the SAN model; a CLIP checkpoint's `visual.*` / text leaves are mapped onto SAN's CLIP parts."""
+  flat, meta = checkpoint.restore_params(path)
+  if any(p[0] == "clip_visual" for p in flat):
+    return flat
+  mapped = {}
+  for p, v in flat.items():
+    if p[0] == "visual":
+      mapped[("clip_visual",) + p[1:]] = v
+    elif p[0] in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
+                  "logit_scale"):
+      mapped[("ov_classifier",) + p] = v
+  if not mapped:
+    raise ValueError(f"{path}: neither a SAN nor a CLIP parameter checkpoint")
+  return mapped
+
+
+def train(cfg, workdir: str) -> Dict[str, Any]:
+  """Runs (or resumes) training; returns the last logged metrics."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  sharding.initialize_distributed()
+  is_main = jax.process_index() == 0
+  t = cfg.train
+  model_cfg = san_lib.config_from_dict(cfg.model.to_dict())
+  mesh = sharding.make_mesh(cfg.mesh.shape.to_dict())
+  rules = [tuple(r) for r in cfg.mesh.rules]
+  if is_main:
+    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
+
+  source = make_source(cfg.data, cfg.data.train_split)
+  names = class_names(source, cfg.data)
+  trainer = steps.Trainer(model_cfg, t, mesh, rules, num_classes=len(names))
+  init_params = _load_init_params(t.init_from) if t.init_from else None
+  state, frozen = trainer.init(jax.random.key(t.seed), init_params)
+
+  pipe = make_pipeline(source, cfg, jax.process_index(), jax.process_count())
+  ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", keep=t.keep_checkpoints)
+  restored = ckpts.restore_latest(state)
+  if restored is None and t.get("resume_from"):
+    restored = checkpoint.TrainCheckpoints(t.resume_from, keep=t.keep_checkpoints).restore_latest(state)
+  if restored is not None:
+    state, data_state = restored
+    pipe.set_state(data_state)
+    log.info("resumed from step %d", int(state["step"]))
+  start = int(jax.device_get(state["step"]))
+
+  from san_jax.text.classifier import ClassEmbeddingCache
+  class_emb = ClassEmbeddingCache(trainer.model(state, frozen).ov_classifier, model_cfg.template_set)(names)
+  class_emb = jax.device_put(class_emb, sharding.replicated(mesh))
+  step_fn = None
+  rng = jax.random.key(t.seed + 1)
+  writer = MetricsWriter(workdir, is_main)
+  preempted = {"flag": False}
+  previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+  last: Dict[str, Any] = {}
+  t_last, step_last = time.perf_counter(), start
+  try:
+    for step in range(start, t.steps):
+      local = next(pipe)
+      batch = sharding.global_batch({k: local[k] for k in STEP_KEYS}, mesh, rules)
+      if step_fn is None:
+        step_fn = trainer.compile_step({k: v.ndim for k, v in batch.items()})
+      state, metrics = step_fn(state, frozen, batch, class_emb, rng)
+      done = step + 1
+      if done % t.log_every == 0 or done == t.steps:
+        m = jax.device_get(metrics)
+        now = time.perf_counter()
+        dt = (now - t_last) / max(1, done - step_last)
+        t_last, step_last = now, done
+        if not bool(m.pop("finite")) or int(jax.device_get(state["nonfinite"])) > 0:
+          _on_nonfinite(t.on_nonfinite, int(jax.device_get(state["last_nonfinite_step"])), m)
+        row = {"step": done, **{k: float(v) for k, v in m.items()}, "step_time_s": dt,
+               "images_per_s": t.batch_size / dt}
+        writer.write(row)
+        last = row
+        if is_main:
+          eta = _format_eta(dt * (t.steps - done))
+          print(f"step {done}/{t.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                f"{1 / dt:.2f} steps/s  {row['images_per_s']:.1f} img/s  ETA {eta}", flush=True)
+      if done % t.checkpoint_every == 0 or done == t.steps or preempted["flag"]:
+        if int(jax.device_get(state["nonfinite"])) > 0:
+          _on_nonfinite(t.on_nonfinite, int(jax.device_get(state["last_nonfinite_step"])), {})
+        ckpts.save(done, state, pipe.get_state())
+      if preempted["flag"]:
+        log.warning("SIGTERM: saved step %d, exiting", done)
+        break
+  finally:
+    ckpts.wait()
+    ckpts.close()
+    writer.close()
+    pipe.close()
+    signal.signal(signal.SIGTERM, previous)
+  return last
+
+
+def _on_nonfinite(mode: str, step: int, metrics: Dict[str, Any]):
+  msg = (f"non-finite loss or gradient at step {step} (0-based; that update was skipped, the state and "
+         f"checkpoints hold the last finite step): " + ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items()))
+  if mode == "stop":
+    raise NonFiniteLossError(msg)
+  log.warning(msg)

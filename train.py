@@ -1,0 +1,30 @@
+"""Train SAN.
+
+  python train.py --config configs/tiny.py --workdir runs/tiny
+  python train.py --config configs/san_vit_b16_coco.py --workdir gs://bucket/san_b16 \
+      --config.data.data_dir=gs://bucket/tfds --config.train.init_from=/path/to/converted_clip
+
+Resumes automatically from WORKDIR. Writes WORKDIR/metrics.jsonl, TensorBoard events under
+WORKDIR/tensorboard and checkpoints under WORKDIR/checkpoints. On a TPU pod run the same command on every
+host (`gcloud compute tpus tpu-vm ssh NAME --worker=all --command "..."`).
+"""
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  from san_jax.train import loop
+  loop.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
