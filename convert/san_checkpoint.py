@@ -286,7 +286,7 @@ def main(argv=None) -> int:
     cfg = config_from_dict(meta["san_config"])
     n = args.num_classes if args.num_classes is not None else meta.get("num_classes")
     sd = flat_to_official(flat, cfg, n, meta.get("no_object_weight", 0.1))
-    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}}, args.dst)
+    torch.save({"model": {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in sd.items()}}, args.dst)
     print(f"wrote {args.dst}: {len(sd)} tensors")
     return 0
   sd = load_torch_state_dict(args.src)

@@ -1,0 +1,139 @@
+"""Checkpoints: the one module that talks to orbax.
+
+Every checkpoint san-jax writes is an orbax composite checkpoint directory, written atomically (orbax
+saves into a temporary directory and renames it on commit), holding named items. A parameters checkpoint
+(`save_params`) holds two: `params`, the parameter tree, and `config`, a JSON dict describing the model
+that owns them (a converted CLIP's CLIPConfig, for instance). The train-state checkpoints of a run (a
+`CheckpointManager` of steps) will live here too, reusing the same tree encoding.
+
+Parameters are handled as flat dicts {path tuple: array}, the paths NNX uses (`("visual", "transformer",
+"resblocks", 0, "attn", "q_proj", "kernel")`). On disk they are a nested dict keyed by strings (orbax's
+natural tree); integer path components (list indices) are written as their decimal string and read back
+as ints. NNX attribute names are identifiers, so a string component made only of digits cannot occur:
+`save_params` refuses one rather than let it come back as an int.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+Path = Tuple  # an NNX flat path: strings and ints
+FlatParams = Dict[Path, Any]
+
+PARAMS_ITEM = "params"
+CONFIG_ITEM = "config"
+
+
+# ---- tree encoding ------------------------------------------------------------------------------------
+def _is_index(part: str) -> bool:
+  return part.isascii() and part.isdigit()
+
+
+def _encode_key(part) -> str:
+  if isinstance(part, (int, np.integer)) and not isinstance(part, bool):
+    return str(int(part))
+  if isinstance(part, str):
+    if _is_index(part):
+      raise ValueError(f"path component {part!r} is a digit string: it would be restored as an int")
+    return part
+  raise TypeError(f"path component {part!r} of type {type(part).__name__} is neither str nor int")
+
+
+def _decode_key(part: str):
+  return int(part) if _is_index(part) else part
+
+
+def _leaf_value(x):
+  """The array of a leaf: NNX Variables are unwrapped; jax/numpy arrays are kept (orbax writes both)."""
+  if isinstance(x, nnx.Variable):
+    x = x.get_value()
+  return np.asarray(x) if isinstance(x, (int, float, bool, np.generic)) else x
+
+
+def flatten(tree: Any) -> FlatParams:
+  """{path tuple: array} from a flat dict, an `nnx.State`, or a nested dict (int or str keys)."""
+  if isinstance(tree, nnx.State):
+    tree = tree.to_pure_dict()
+  if isinstance(tree, Mapping) and tree and all(isinstance(k, tuple) for k in tree):
+    return {k: _leaf_value(v) for k, v in tree.items()}
+  out: FlatParams = {}
+
+  def walk(node, prefix):
+    if isinstance(node, Mapping):
+      for k, v in node.items():
+        walk(v, prefix + (k,))
+    else:
+      out[prefix] = _leaf_value(node)
+
+  walk(tree, ())
+  if () in out:
+    raise ValueError("a parameter tree must be a mapping, got a single leaf")
+  return out
+
+
+def _nest(flat: Mapping[Path, Any]) -> Dict[str, Any]:
+  """Flat paths -> nested dict keyed by strings (the on-disk form)."""
+  root: Dict[str, Any] = {}
+  for path, value in flat.items():
+    if not path:
+      raise ValueError("empty parameter path")
+    node = root
+    for part in path[:-1]:
+      node = node.setdefault(_encode_key(part), {})
+      if not isinstance(node, dict):
+        raise ValueError(f"path {path} runs through a leaf")
+    last = _encode_key(path[-1])
+    if last in node:
+      raise ValueError(f"path {path} is both a leaf and a subtree, or given twice")
+    node[last] = value
+  return root
+
+
+def _unnest(tree: Mapping[str, Any], prefix: Path = ()) -> FlatParams:
+  out: FlatParams = {}
+  for k, v in tree.items():
+    path = prefix + (_decode_key(k),)
+    if isinstance(v, Mapping):
+      out.update(_unnest(v, path))
+    else:
+      out[path] = np.asarray(v)
+  return out
+
+
+# ---- parameters checkpoints ---------------------------------------------------------------------------
+def _checkpointer() -> ocp.Checkpointer:
+  # Synchronous: a params checkpoint is written once (conversion, export); train state will use the
+  # manager's async saving.
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def save_params(directory: str | os.PathLike, flat_or_state: Any, config: Optional[dict] = None, *,
+                force: bool = False) -> str:
+  """Writes parameters (flat dict, nnx.State or nested dict) and a JSON config to `directory`.
+
+  The directory must not exist unless `force` (then it is replaced). Returns the absolute path.
+  """
+  directory = os.path.abspath(os.fspath(directory))
+  tree = _nest(flatten(flat_or_state))
+  if not tree:
+    raise ValueError("no parameters to save")
+  _checkpointer().save(directory, args=ocp.args.Composite(**{
+      PARAMS_ITEM: ocp.args.StandardSave(tree),
+      CONFIG_ITEM: ocp.args.JsonSave(dict(config or {}))}), force=force)
+  return directory
+
+
+def restore_params(directory: str | os.PathLike) -> Tuple[FlatParams, dict]:
+  """Reads a `save_params` checkpoint: ({path tuple: np.ndarray}, config dict), on the host."""
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint directory at {directory}")
+  restored = _checkpointer().restore(directory, args=ocp.args.Composite(**{
+      PARAMS_ITEM: ocp.args.StandardRestore(),
+      CONFIG_ITEM: ocp.args.JsonRestore()}))
+  return _unnest(restored[PARAMS_ITEM]), dict(restored[CONFIG_ITEM] or {})
