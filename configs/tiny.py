@@ -26,6 +26,7 @@ def get_config(arg=None):
   del arg
   cfg = common.base(tiny_model())
   cfg.train.steps = 200
+  cfg.train.optimizer.lr = 1e-3  # a from-scratch toy trained for a few hundred steps, not the 60k-step recipe
   cfg.train.batch_size = 2
   cfg.train.compute_dtype = "float32"
   cfg.train.criterion.num_points = 256

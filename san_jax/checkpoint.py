@@ -137,3 +137,72 @@ def restore_params(directory: str | os.PathLike) -> Tuple[FlatParams, dict]:
       PARAMS_ITEM: ocp.args.StandardRestore(),
       CONFIG_ITEM: ocp.args.JsonRestore()}))
   return _unnest(restored[PARAMS_ITEM]), dict(restored[CONFIG_ITEM] or {})
+
+
+# ---- train-state checkpoints --------------------------------------------------------------------------
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+
+
+class TrainCheckpoints:
+  """The checkpoints of one training run: an orbax CheckpointManager of steps under `directory`.
+
+  Each step holds the train state (any pytree of arrays, NNX States included, sharded or not) and the
+  data iterator's position (a JSON dict), saved together. Saving is asynchronous (the arrays are copied
+  off the devices before `save` returns, so the caller may donate them to the next step) and atomic
+  (orbax writes to a temporary directory and renames it when complete, so a run killed mid-save leaves
+  the previous steps intact). The last `keep` steps are kept.
+  """
+
+  def __init__(self, directory: str | os.PathLike, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM))
+
+  def steps(self):
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: Optional[Mapping[str, Any]] = None, *,
+           force: bool = True) -> bool:
+    return self._manager.save(int(step), args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state),
+        DATA_ITEM: ocp.args.JsonSave(dict(data_state or {}))}), force=force)
+
+  def restore(self, step: int, target: Any) -> Tuple[Any, dict]:
+    """Restores `step` into the structure, shapes, dtypes and shardings of `target` (concrete arrays or
+    ShapeDtypeStructs)."""
+    import jax
+
+    abstract = jax.tree.map(_abstract_leaf, target)
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract), DATA_ITEM: ocp.args.JsonRestore()}))
+    return restored[STATE_ITEM], dict(restored[DATA_ITEM] or {})
+
+  def restore_latest(self, target: Any) -> Optional[Tuple[Any, dict]]:
+    """The newest readable step, or None when there is none. An unreadable (corrupt, half-deleted)
+    step is skipped with a warning naming it, and the one before it is tried."""
+    import logging
+
+    for step in reversed(self.steps()):
+      try:
+        return self.restore(step, target)
+      except Exception as err:  # orbax raises many types for damaged files
+        logging.getLogger("san_jax.checkpoint").warning(
+            "checkpoint step %d in %s is unreadable (%s: %s); trying the previous step",
+            step, self.directory, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+    return None
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _abstract_leaf(x):
+  import jax
+
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))

@@ -84,7 +84,12 @@ def _assign_on_host(cost: np.ndarray, counts: np.ndarray):
   rows = np.zeros((flat_cost.shape[0], k), np.int32)
   cols = np.zeros((flat_cost.shape[0], k), np.int32)
   for i, n in enumerate(flat_n):
-    r, c = linear_sum_assignment(flat_cost[i, :, :int(n)])
+    block = flat_cost[i, :, :int(n)]
+    if not np.isfinite(block).all():
+      # A diverged step (NaN/inf logits): any assignment will do, the loss is non-finite and the train step
+      # discards the update; scipy would raise from inside the callback instead.
+      block = np.nan_to_num(block, nan=0.0, posinf=1e30, neginf=-1e30)
+    r, c = linear_sum_assignment(block)
     rows[i, :len(r)], cols[i, :len(c)] = r, c
   return rows.reshape(lead + (k,)), cols.reshape(lead + (k,))
 

@@ -64,17 +64,19 @@ def class_names(source, data_cfg):
 def make_pipeline(source, cfg, process_index: int, process_count: int):
   from san_jax.data import augment
   d, t = cfg.data, cfg.train
+  # The data set knows its ignore label (255, or 65535 where 255 is a class: ADE20K-847, Pascal Context-459).
+  ignore = int(getattr(source, "ignore_label", d.ignore_label))
   aug = augment.TrainAugConfig(
       min_size_train=tuple(d.min_size_train), max_size_train=d.max_size_train,
       crop_size=(d.crop_size, d.crop_size), single_category_max_area=d.single_category_max_area,
-      color_aug_ssd=d.color_aug_ssd, flip=d.flip, ignore_label=d.ignore_label,
+      color_aug_ssd=d.color_aug_ssd, flip=d.flip, ignore_label=ignore,
       max_targets=t.criterion.max_targets)
   if t.batch_size % process_count:
     raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {process_count} hosts")
   return pipeline_lib.make_pipeline(source, mode="train", batch_size=t.batch_size // process_count, seed=t.seed,
                                     process_index=process_index, process_count=process_count,
                                     num_workers=d.num_workers, prefetch=d.prefetch, train_aug=aug,
-                                    ignore_label=d.ignore_label)
+                                    ignore_label=ignore)
 
 
 STEP_KEYS = ("image", "image_size", "labels", "masks", "valid")
@@ -185,21 +187,27 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
         step_fn = trainer.compile_step({k: v.ndim for k, v in batch.items()})
       state, metrics = step_fn(state, frozen, batch, class_emb, rng)
       done = step + 1
+      if done == start + 1:  # the first call compiled the step: keep compile time out of the rate
+        jax.block_until_ready(metrics)
+        t_last, step_last = time.perf_counter(), done
+        if is_main:
+          print(f"step {done}/{t.steps}: compiled and ran the first step", flush=True)
       if done % t.log_every == 0 or done == t.steps:
         m = jax.device_get(metrics)
         now = time.perf_counter()
-        dt = (now - t_last) / max(1, done - step_last)
+        dt = (now - t_last) / max(1, done - step_last) if done > step_last else float("nan")
         t_last, step_last = now, done
         if not bool(m.pop("finite")) or int(jax.device_get(state["nonfinite"])) > 0:
           _on_nonfinite(t.on_nonfinite, int(jax.device_get(state["last_nonfinite_step"])), m)
-        row = {"step": done, **{k: float(v) for k, v in m.items()}, "step_time_s": dt,
-               "images_per_s": t.batch_size / dt}
+        rate_known = math.isfinite(dt)
+        row = {"step": done, **{k: float(v) for k, v in m.items()}, "step_time_s": dt if rate_known else None,
+               "images_per_s": t.batch_size / dt if rate_known else None}
         writer.write(row)
         last = row
         if is_main:
-          eta = _format_eta(dt * (t.steps - done))
-          print(f"step {done}/{t.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-                f"{1 / dt:.2f} steps/s  {row['images_per_s']:.1f} img/s  ETA {eta}", flush=True)
+          rate = f"{1 / dt:.2f} steps/s  {t.batch_size / dt:.1f} img/s" if rate_known else "rate ?"
+          print(f"step {done}/{t.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  {rate}  "
+                f"ETA {_format_eta(dt * (t.steps - done))}", flush=True)
       if done % t.checkpoint_every == 0 or done == t.steps or preempted["flag"]:
         if int(jax.device_get(state["nonfinite"])) > 0:
           _on_nonfinite(t.on_nonfinite, int(jax.device_get(state["last_nonfinite_step"])), {})

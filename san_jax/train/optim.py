@@ -20,9 +20,12 @@ from san_jax.models import params as params_lib
 
 
 def path_of(key_path) -> tuple:
-  """A jax tree key path (DictKey/GetAttrKey/SequenceKey...) -> plain tuple of names and ints."""
+  """A jax tree key path (DictKey/GetAttrKey/SequenceKey...) -> plain tuple of names and ints; the
+  `.value` step into an NNX Variable is dropped, so paths read as parameter names."""
   out = []
   for k in key_path:
+    if type(k).__name__ == "GetAttrKey" and k.name == "value":
+      continue
     for attr in ("key", "name", "idx"):
       if hasattr(k, attr):
         out.append(getattr(k, attr))

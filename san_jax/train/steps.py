@@ -116,7 +116,7 @@ class Trainer:
     step_rng = jax.random.fold_in(rng, state["step"])
     (loss, losses), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
         state["params"], frozen, batch, class_embeddings, step_rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

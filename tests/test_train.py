@@ -1,0 +1,163 @@
+"""Training: the optimizer touches only trainable parameters, sharded training equals single-device
+training, a tiny model overfits one batch, and non-finite losses never poison the state."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from san_jax.models import params as params_lib
+from san_jax.train import optim, sharding, steps
+from tests.train_utils import model_config, tiny_batch, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _trainer(cfg, devices=None, num_classes=3):
+  mesh = sharding.make_mesh(cfg.mesh.shape.to_dict(), devices)
+  return steps.Trainer(model_config(cfg), cfg.train, mesh, [tuple(r) for r in cfg.mesh.rules], num_classes)
+
+
+def _flat(tree):
+  return {optim.path_of(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope="module")
+def trained_a_few_steps():
+  cfg = tiny_config(steps=200)
+  tr = _trainer(cfg, devices=jax.devices()[:1])
+  state, frozen = tr.init(jax.random.key(0))
+  before_params = _flat(state["params"])
+  before_frozen = _flat(frozen)
+  batch = sharding.global_batch(tiny_batch(), tr.mesh, tr.rules)
+  ce = jnp.asarray(np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32))
+  step = tr.compile_step({k: v.ndim for k, v in batch.items()})
+  losses = []
+  for _ in range(200):
+    state, m = step(state, frozen, batch, ce, jax.random.key(1))
+    losses.append(float(m["loss"]))
+  return dict(tr=tr, state=state, frozen=frozen, before_params=before_params, before_frozen=before_frozen,
+              losses=losses)
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_one_batch(trained_a_few_steps):
+  losses = trained_a_few_steps["losses"]
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] <= 0.1 * losses[0], (losses[0], losses[-1])
+
+
+@pytest.mark.slow
+def test_frozen_parameters_bitwise_unchanged_and_not_in_optimizer(trained_a_few_steps):
+  r = trained_a_few_steps
+  after_frozen = _flat(r["frozen"])
+  assert after_frozen.keys() == r["before_frozen"].keys()
+  for k, v in r["before_frozen"].items():
+    np.testing.assert_array_equal(after_frozen[k], v, err_msg=str(k))
+  # trainable ones did move
+  after = _flat(r["state"]["params"])
+  assert any(not np.array_equal(after[k], v) for k, v in r["before_params"].items())
+  # the optimizer state holds exactly the trainable leaves (mu, nu), none of the frozen ones
+  trainable_shapes = sorted(v.shape for v in r["before_params"].values())
+  opt_leaves = [np.shape(x) for x in jax.tree.leaves(r["state"]["opt_state"]) if np.ndim(x) > 0]
+  assert sorted(opt_leaves) == sorted(trainable_shapes * 2)
+  frozen_names = {params_lib.dotted(k) for k in r["before_frozen"]}
+  assert any(n.startswith("clip_visual.transformer") for n in frozen_names)
+  assert not any(n.startswith("side_adapter_network") for n in frozen_names)
+
+
+def test_trainable_selection_matches_patterns():
+  cfg = tiny_config()
+  tr = _trainer(cfg, devices=jax.devices()[:1])
+  abstract = tr.abstract_state()[0]["params"]
+  names = {params_lib.dotted(optim.path_of(p)) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  assert "ov_classifier.bg_embed" in names and "clip_visual.positional_embedding" in names
+  assert all(n.startswith("side_adapter_network") or n in ("ov_classifier.bg_embed", "clip_visual.positional_embedding")
+             for n in names)
+
+
+def test_weight_decay_mask_follows_the_official_exceptions():
+  mask_fn = optim.decay_mask(tiny_config().train.optimizer.no_decay_patterns)
+  tree = {"side_adapter_network": {"query_embed": 0, "vit_model": {"pos_embed": 0, "blocks": {0: {
+      "norm1": {"scale": 0}, "attn": {"qkv": {"kernel": 0}}}}}}, "clip_visual": {"positional_embedding": 0}}
+  m = mask_fn(tree)
+  assert m["side_adapter_network"]["vit_model"]["blocks"][0]["attn"]["qkv"]["kernel"] is True
+  assert m["side_adapter_network"]["vit_model"]["blocks"][0]["norm1"]["scale"] is False
+  assert m["side_adapter_network"]["query_embed"] is False
+  assert m["side_adapter_network"]["vit_model"]["pos_embed"] is False
+  assert m["clip_visual"]["positional_embedding"] is False
+
+
+def test_nonfinite_loss_leaves_state_unchanged():
+  cfg = tiny_config()
+  tr = _trainer(cfg, devices=jax.devices()[:1])
+  state, frozen = tr.init(jax.random.key(0))
+  before = _flat(state)
+  batch = tiny_batch()
+  batch["image"] = batch["image"]  # finite images; poison the class embeddings instead
+  batch = sharding.global_batch(batch, tr.mesh, tr.rules)
+  ce = jnp.full((3, 32), jnp.nan)
+  step = tr.compile_step({k: v.ndim for k, v in batch.items()})
+  state, m = step(state, frozen, batch, ce, jax.random.key(1))
+  assert not bool(m["finite"])
+  assert int(state["nonfinite"]) == 1 and int(state["last_nonfinite_step"]) == 0
+  after = _flat(state)
+  for k, v in before.items():
+    if k in (("step",), ("nonfinite",), ("last_nonfinite_step",)):
+      continue
+    np.testing.assert_array_equal(after[k], v, err_msg=str(k))
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from san_jax.train import sharding, steps, optim
+    from tests.train_utils import model_config, tiny_batch, tiny_config
+    assert len(jax.devices()) == 8, jax.devices()
+    def run(shape, devices):
+      cfg = tiny_config()
+      cfg.mesh.shape.data, cfg.mesh.shape.fsdp = shape
+      mesh = sharding.make_mesh(cfg.mesh.shape.to_dict(), devices)
+      tr = steps.Trainer(model_config(cfg), cfg.train, mesh, [tuple(r) for r in cfg.mesh.rules], 3)
+      state, frozen = tr.init(jax.random.key(0))
+      batch = sharding.global_batch(tiny_batch(batch_size=8), mesh, tr.rules)
+      ce = jnp.asarray(np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32))
+      step = tr.compile_step({k: v.ndim for k, v in batch.items()})
+      for _ in range(3):
+        state, m = step(state, frozen, batch, ce, jax.random.key(1))
+      return state, frozen
+    one, _ = run((1, 1), jax.devices()[:1])
+    many, frozen = run((4, 2), jax.devices())
+    flat = lambda t: {optim.path_of(p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+    a, b = flat(one["params"]), flat(many["params"])
+    err = max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
+    print("max param diff", err)
+    assert err <= 1e-5, err
+    def sharded(tree):
+      return [p for p, v in flat(tree).items() if "fsdp" in str(v.sharding.spec) and len(v.sharding.device_set) == 8]
+    n_params, n_opt, n_frozen = len(sharded(many["params"])), len(sharded(many["opt_state"])), len(sharded(frozen))
+    print("sharded leaves", n_params, n_opt, n_frozen)
+    assert n_params > 10 and n_opt >= 2 * n_params and n_frozen > 10
+    # a side-ViT qkv kernel [48, 144] with logical axes (embed, heads) is split over fsdp on its first axis
+    qkv = flat(many["params"])[("side_adapter_network", "vit_model", "blocks", 0, "attn", "qkv", "kernel")]
+    assert qkv.sharding.spec[0] == "fsdp", qkv.sharding.spec
+    assert qkv.addressable_shards[0].data.shape == (24, 144)
+    print("OK")
+""")
+
+
+@pytest.mark.slow
+def test_sharded_training_matches_single_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO,
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=900)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-3000:] + out.stderr[-5000:]

@@ -1,0 +1,116 @@
+"""train.py end to end: metrics, checkpoints, exact resumption after kill -9, corrupt checkpoints,
+non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from san_jax import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--config", "configs/tiny.py", "--config.train.log_every=1", "--config.train.checkpoint_every=3",
+          "--config.data.num_examples=16", "--config.train.keep_checkpoints=10"]
+
+
+def _run(workdir, steps, extra=(), wait=True):
+  cmd = [sys.executable, "train.py", "--workdir", str(workdir), *COMMON, f"--config.train.steps={steps}", *extra]
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  if wait:
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _metrics(workdir):
+  rows = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    rows[row["step"]] = row  # a resumed run re-logs steps after its checkpoint: the last one counts
+  return rows
+
+
+LOSS_KEYS = ("loss", "loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_mask_0", "loss_dice_0", "grad_norm")
+
+
+@pytest.mark.slow
+def test_kill_dash_nine_then_resume_gives_the_uninterrupted_losses(tmp_path):
+  steps = 12
+  ref = _run(tmp_path / "ref", steps)
+  assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-4000:]
+  expected = _metrics(tmp_path / "ref")
+  assert sorted(expected) == list(range(1, steps + 1))
+  assert "ETA" in ref.stdout and "steps/s" in ref.stdout
+
+  work = tmp_path / "killed"
+  proc = _run(work, steps, wait=False)
+  deadline = time.time() + 600
+  ckpt = work / "checkpoints"
+  while time.time() < deadline:  # wait for a finished checkpoint at step 6, then kill hard
+    if (ckpt / "6").is_dir() and _metrics_upto(work) >= 7:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = _metrics_upto(work)
+  assert killed_at < steps, "the run finished before it could be killed"
+
+  resumed = _run(work, steps)
+  assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+  got = _metrics(work)
+  assert sorted(got) == list(range(1, steps + 1))
+  for s in range(1, steps + 1):
+    for k in LOSS_KEYS:
+      assert got[s][k] == expected[s][k], (s, k, got[s][k], expected[s][k])
+
+
+def _metrics_upto(workdir) -> int:
+  path = Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  return max((r["step"] for r in lines), default=0)
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_with_the_step_and_no_poisoned_checkpoint(tmp_path):
+  # An absurd learning rate makes the parameters overflow within a few steps.
+  out = _run(tmp_path / "nan", 9, extra=["--config.train.optimizer.lr=1e30", "--config.train.clip_grad_norm=0"])
+  assert out.returncode != 0
+  assert "NonFiniteLossError" in out.stderr and "non-finite loss or gradient at step" in out.stderr
+  ckpts = checkpoint.TrainCheckpoints(tmp_path / "nan" / "checkpoints")
+  for step in ckpts.steps():
+    flat, _ = _restore_params_np(ckpts, step)
+    assert all(np.isfinite(v).all() for v in flat), f"checkpoint {step} holds non-finite parameters"
+
+
+def _restore_params_np(ckpts, step):
+  import orbax.checkpoint as ocp
+  restored = ckpts._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+  return [np.asarray(x) for x in jax.tree.leaves(restored["state"])], restored["data"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, caplog):
+  state = {"w": jax.numpy.arange(1000.0), "step": jax.numpy.int32(0)}
+  ck = checkpoint.TrainCheckpoints(tmp_path, keep=3)
+  ck.save(1, state, {"pos": 1})
+  ck.save(2, {"w": state["w"] * 2, "step": jax.numpy.int32(2)}, {"pos": 2})
+  ck.wait()
+  for root, _, files in os.walk(tmp_path / "2"):  # damage every data file of the latest step
+    for f in files:
+      if f.startswith("d") or "ocdbt" in root:
+        Path(root, f).write_bytes(b"garbage")
+  restored, data = ck.restore_latest(state)
+  assert data == {"pos": 1}
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(1000.0))
+  assert any("step 2" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+  ck.close()
