@@ -45,7 +45,7 @@ def bench(model_key: str, dtype: str, size: int, classes: int, runs: int) -> Dic
   def forward(state, images, class_emb):
     out = nnx.merge(graphdef, state)(images, class_emb)
     return san.semantic_inference(out["mask_logits"][0, -1], out["mask_preds"][0, -1], (size, size),
-                                  (size, size), (size, size))
+                                  (size, size), (size, size), layout="hwc")
 
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(1, size, size, 3)).astype(np.float32))

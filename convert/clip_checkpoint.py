@@ -31,8 +31,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from convert.mapping import (ConversionError, Entry, conv_kernel, fused_qkv_bias, fused_qkv_kernel, layer_norm,
+from convert.mapping import (ConversionError, clip_resblock, Entry, conv_kernel, fused_qkv_bias, fused_qkv_kernel, layer_norm,
                              linear, linear_kernel, nnx_to_torch, same, torch_to_nnx)
+from san_jax.models import clip as clip_lib
 from san_jax.models.clip import CLIP_LN_EPS, CLIPConfig, TextConfig, VisionConfig
 
 StateDict = Dict[str, np.ndarray]
@@ -46,14 +47,9 @@ OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size", "att
 HF_POSITION_IDS = ("vision_model.embeddings.position_ids", "text_model.embeddings.position_ids")
 
 
-# ---- config <-> dict ------------------------------------------------------------------------------------
-def config_to_dict(cfg: CLIPConfig) -> dict:
-  return dataclasses.asdict(cfg)
-
-
-def config_from_dict(d: Mapping) -> CLIPConfig:
-  d = dict(d)
-  return CLIPConfig(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
+# config <-> dict: the model module's own (re-exported for the CLI and callers).
+config_to_dict = clip_lib.config_to_dict
+config_from_dict = clip_lib.config_from_dict
 
 
 # ---- reading checkpoint files ---------------------------------------------------------------------------
@@ -274,17 +270,8 @@ def model_shapes(cfg: CLIPConfig) -> Dict[Path, Tuple[int, ...]]:
 
 
 # ---- tables ---------------------------------------------------------------------------------------------
-def open_clip_block_table(prefix: str, path: Path) -> List[Entry]:
-  """One open_clip ResidualAttentionBlock `prefix.*` <-> ResidualAttentionBlock at `path` (SAN's converter
-  reuses it for the renumbered recognition-head blocks)."""
-  attn = path + ("attn",)
-  return [*layer_norm(f"{prefix}.ln_1", path + ("ln_1",)),
-          fused_qkv_kernel(f"{prefix}.attn.in_proj_weight", [attn + (n, "kernel") for n in ("q_proj", "k_proj", "v_proj")]),
-          fused_qkv_bias(f"{prefix}.attn.in_proj_bias", [attn + (n, "bias") for n in ("q_proj", "k_proj", "v_proj")]),
-          *linear(f"{prefix}.attn.out_proj", attn + ("out_proj",)),
-          *layer_norm(f"{prefix}.ln_2", path + ("ln_2",)),
-          *linear(f"{prefix}.mlp.c_fc", path + ("mlp", "c_fc")),
-          *linear(f"{prefix}.mlp.c_proj", path + ("mlp", "c_proj"))]
+# One open_clip ResidualAttentionBlock `prefix.*` <-> our block at `path` (shared with the SAN converter).
+open_clip_block_table = clip_resblock
 
 
 def open_clip_table(cfg: CLIPConfig) -> List[Entry]:

@@ -59,11 +59,21 @@ class CLIPConfig:
   text: TextConfig = TextConfig()
   quick_gelu: bool = True  # OpenAI weights were trained with QuickGELU
   # Long sequences split their queries into chunks of this size (CPU cache friendliness); None = whole.
-  attention_query_chunk: Optional[int] = None
+  attention_query_chunk: Optional[int] = 256
 
   @property
   def embed_dim(self) -> int:
     return self.vision.output_dim
+
+
+def config_to_dict(cfg: CLIPConfig) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d) -> CLIPConfig:
+  """Inverse of `config_to_dict` (JSON-able); fields left out keep their defaults."""
+  d = dict(d)
+  return CLIPConfig(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
 
 
 def _named(embed_dim, image_size, patch, v_width, v_layers, v_heads, t_width, t_heads, t_layers):

@@ -86,10 +86,7 @@ def config_from_dict(d: Dict[str, Any]) -> SANConfig:
   if isinstance(c, str):
     clip_cfg = clip_lib.clip_config(c)
   else:
-    c = dict(c)
-    clip_cfg = clip_lib.CLIPConfig(vision=clip_lib.VisionConfig(**c["vision"]), text=clip_lib.TextConfig(**c["text"]),
-                                   quick_gelu=c.get("quick_gelu", True),
-                                   attention_query_chunk=c.get("attention_query_chunk"))
+    clip_cfg = clip_lib.config_from_dict(c)
   side = dict(d.pop("side", {}))
   fm = side.get("fusion_map")
   if fm is not None:
@@ -227,15 +224,26 @@ def normalize_on_device(images: jax.Array, image_sizes: jax.Array, cfg: SANConfi
 
 
 def semantic_inference(mask_logits: jax.Array, mask_preds: jax.Array, padded_hw: Tuple[int, int],
-                       image_hw: Tuple[int, int], output_hw: Tuple[int, int]) -> jax.Array:
-  """One image's per-class probabilities [C, out_h, out_w] (official order, POSTPROCESS_BEFORE_INFERENCE):
-  mask logits upsampled to the padded size, cropped to the image, resized to the output size, then
-  sigmoid(masks) combined with softmax(class logits) minus the no-object column.
+                       image_hw: Tuple[int, int], output_hw: Tuple[int, int], layout: str = "chw") -> jax.Array:
+  """One image's per-class probabilities (official order, POSTPROCESS_BEFORE_INFERENCE): mask logits
+  upsampled to the padded size, cropped to the image, resized to the output size, then sigmoid(masks)
+  combined with softmax(class logits) minus the no-object column.
 
-  mask_logits [Q, C+1], mask_preds [Q, h, w] (logits).
+  mask_logits [Q, C+1], mask_preds [Q, h, w] (logits). Returns [C, H, W] (layout "chw", the official
+  layout) or [H, W, C] ("hwc": the masks are resized with queries last so the combination is one plain
+  [H*W, Q] x [Q, C] matmul and no 100 x H x W array is ever transposed; ~25% faster on CPU).
   """
-  masks = resize.interpolate(mask_preds, size=padded_hw, method="bilinear", axes=(1, 2))
-  masks = masks[:, :image_hw[0], :image_hw[1]]
-  masks = resize.interpolate(masks, size=output_hw, method="bilinear", axes=(1, 2))
+  if layout not in ("chw", "hwc"):
+    raise ValueError(f"layout must be 'chw' or 'hwc', got {layout!r}")
   probs = jax.nn.softmax(mask_logits.astype(jnp.float32), axis=-1)[:, :-1]
-  return jnp.einsum("qc,qhw->chw", probs, jax.nn.sigmoid(masks.astype(jnp.float32)))
+  if layout == "hwc":
+    masks = mask_preds.transpose(1, 2, 0)  # [h, w, Q]: small, cheap to transpose here
+    axes = (0, 1)
+  else:
+    masks, axes = mask_preds, (1, 2)
+  masks = resize.interpolate(masks, size=padded_hw, method="bilinear", axes=axes)
+  masks = masks[:image_hw[0], :image_hw[1]] if layout == "hwc" else masks[:, :image_hw[0], :image_hw[1]]
+  masks = jax.nn.sigmoid(resize.interpolate(masks, size=output_hw, method="bilinear", axes=axes).astype(jnp.float32))
+  if layout == "hwc":
+    return masks @ probs
+  return jnp.einsum("qc,qhw->chw", probs, masks)

@@ -43,7 +43,8 @@ class SideAdapterConfig:
   attn_bias_mlp: int = 256
   attn_bias_mlp_layers: int = 3
   rescale_attn_bias: bool = True
-  attention_query_chunk: Optional[int] = None
+  # Queries per attention block: the ~1,700-token logits never exist whole (CPU cache); None = one block.
+  attention_query_chunk: Optional[int] = 256
 
   @property
   def grid_size(self) -> int:
