@@ -37,7 +37,6 @@ averaged map is resized to the output size. When one window covers the image thi
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax

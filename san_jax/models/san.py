@@ -195,7 +195,7 @@ def preprocess(images: Sequence[np.ndarray], cfg: SANConfig,
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[-1] != 3:
       raise ValueError(f"image {i}: expected an RGB image [H, W, 3], got shape {img.shape} "
-                       "(convert grayscale or RGBA images to RGB first, e.g. san_jax.data.images.to_rgb)")
+                       "(convert grayscale or RGBA images to RGB first, e.g. san_jax.data.image_io.to_rgb)")
     sizes.append(img.shape[:2])
   hmax, wmax = max(s[0] for s in sizes), max(s[1] for s in sizes)
   target = padded_size((hmax, wmax), cfg.size_divisibility) if pad_to is None else tuple(pad_to)

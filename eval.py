@@ -1,0 +1,139 @@
+"""Evaluate SAN on semantic segmentation data sets (mIoU, fwIoU, mACC, pACC as detectron2 reports them).
+
+  python eval.py --checkpoint /ckpt/san_vit_b16 --data_dir ~/tfds \
+      --datasets coco_stuff_171,ade20k_150,ade20k_847,pcontext_59,pcontext_459,voc_20 --out results/
+  python eval.py --workdir runs/tiny                       # a training run: its config and latest checkpoint
+  python eval.py --config configs/tiny.py --checkpoint /tmp/p --datasets shapes --config.eval.tta=True
+
+Each data set is prompted with its own vocabulary. Evaluation options (batch size, test resize, TTA,
+sliding windows) come from the config's `eval`/`data` sections (--config, or the run's config.json with
+--workdir; defaults: SAN's test settings) and the flags below. Prints progress with an ETA, a table of
+the results, and writes OUT/eval_<dataset>.json with the per-class IoU and accuracy. On several hosts run
+the same command on each; every host evaluates its slice and host 0 writes the results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+
+def _define_flags(fv: flags.FlagValues, argv: List[str]):
+  f = {}
+  f["config"] = config_flags.DEFINE_config_file("config", None, "a configs/*.py file (evaluation options)",
+                                                flag_values=fv, lock_config=False, sys_argv=argv)
+  f["workdir"] = flags.DEFINE_string("workdir", None, "a training run directory (config.json + checkpoints)",
+                                     flag_values=fv)
+  f["checkpoint"] = flags.DEFINE_string("checkpoint", None, "a SAN parameters checkpoint directory", flag_values=fv)
+  f["datasets"] = flags.DEFINE_list("datasets", None, "comma-separated data set names (default: the config's "
+                                    "data.eval_datasets, else coco_stuff_171)", flag_values=fv)
+  f["data_dir"] = flags.DEFINE_string("data_dir", None, "where the built data sets are (default: "
+                                      "config data.data_dir)", flag_values=fv)
+  f["out"] = flags.DEFINE_string("out", None, "output directory for eval_<dataset>.json (default: WORKDIR/eval "
+                                 "or ./eval_results)", flag_values=fv)
+  f["batch_size"] = flags.DEFINE_integer("batch_size", None, "images per batch and host (default: config "
+                                         "eval.batch_size)", flag_values=fv)
+  f["max_examples"] = flags.DEFINE_integer("max_examples", None, "evaluate only the first N images",
+                                           flag_values=fv)
+  f["tta"] = flags.DEFINE_boolean("tta", None, "multi-scale + flip test-time augmentation", flag_values=fv)
+  f["sliding_window"] = flags.DEFINE_boolean("sliding_window", None, "sliding-window inference", flag_values=fv)
+  return f
+
+
+def load_workdir_model(workdir: str, cfg: ConfigDict):
+  """(float32 SAN with the run's latest trained parameters, step). Frozen parameters are rebuilt the way
+  training builds them (train.init_from, else the seed), as the train checkpoints do not hold them."""
+  import jax
+  import numpy as np
+  from san_jax import checkpoint
+  from san_jax.evaluation import inference
+  from san_jax.models import params as params_lib
+  from san_jax.models import san as san_lib
+  if not hasattr(checkpoint, "TrainCheckpoints"):
+    raise NotImplementedError("--workdir needs san_jax.checkpoint.TrainCheckpoints (train-state checkpoints), "
+                              "which is not available yet; evaluate a parameters checkpoint with --checkpoint")
+  from san_jax.train import loop, sharding, steps
+  model_cfg = san_lib.config_from_dict(cfg.model.to_dict())
+  mesh = sharding.make_mesh(cfg.mesh.shape.to_dict())
+  trainer = steps.Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.mesh.rules], num_classes=1)
+  init_params = loop._load_init_params(cfg.train.init_from) if cfg.train.get("init_from") else None  # pylint: disable=protected-access
+  state, frozen = trainer.init(jax.random.key(cfg.train.seed), init_params)
+  ckpts = checkpoint.TrainCheckpoints(Path(workdir) / "checkpoints", keep=cfg.train.get("keep_checkpoints", 3))
+  try:
+    restored = ckpts.restore_latest(state)
+  finally:
+    ckpts.close()
+  if restored is None:
+    raise FileNotFoundError(f"no train checkpoint under {Path(workdir) / 'checkpoints'}")
+  state = restored[0]
+  flat = params_lib.flat_params(trainer.model(state, frozen))
+  flat = {p: np.asarray(v, np.float32) for p, v in inference._host_local(flat).items()}  # pylint: disable=protected-access
+  return inference.model_from_params(flat, san_lib.config_to_dict(model_cfg)), int(jax.device_get(state["step"]))
+
+
+def _run_config(f) -> Optional[ConfigDict]:
+  cfg = f["config"].value
+  if cfg is None and f["workdir"].value:
+    path = Path(f["workdir"].value) / "config.json"
+    if not path.exists():
+      raise FileNotFoundError(f"{path} not found: is {f['workdir'].value} a training run directory?")
+    cfg = ConfigDict(json.loads(path.read_text()))
+  return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  fv = flags.FlagValues()
+  f = _define_flags(fv, ["eval.py"] + argv)
+  fv(["eval.py"] + argv)
+  if bool(f["workdir"].value) == bool(f["checkpoint"].value):
+    print("eval.py: give exactly one of --workdir and --checkpoint", file=sys.stderr)
+    return 2
+  logging.basicConfig(level=logging.WARNING)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore step at INFO
+
+  from san_jax.evaluation import inference, runner
+  cfg = _run_config(f)
+  overrides = dict(batch_size=f["batch_size"].value, max_examples=f["max_examples"].value, tta=f["tta"].value,
+                   sliding_window=f["sliding_window"].value)
+  options = (runner.EvalOptions.from_config(cfg, **overrides) if cfg is not None
+             else runner.EvalOptions(**{k: v for k, v in overrides.items() if v is not None}))
+  datasets = f["datasets"].value or (list(cfg.data.get("eval_datasets", [])) if cfg is not None else []) \
+      or ["coco_stuff_171"]
+  unknown = [d for d in datasets if d not in runner.DATASETS]
+  if unknown:
+    print(f"eval.py: unknown data sets {unknown}; known: {', '.join(runner.DATASETS)}", file=sys.stderr)
+    return 2
+  data_dir = f["data_dir"].value or (cfg.data.get("data_dir", "") if cfg is not None else "") or None
+  out = f["out"].value or (os.path.join(f["workdir"].value, "eval") if f["workdir"].value else "eval_results")
+
+  if f["workdir"].value:
+    model, step = load_workdir_model(f["workdir"].value, cfg)
+    extra = {"workdir": os.path.abspath(f["workdir"].value), "step": step}
+  else:
+    model = inference.load_checkpoint(f["checkpoint"].value)
+    extra = {"checkpoint": os.path.abspath(f["checkpoint"].value)}
+  seg = inference.Segmenter(model, canvas_multiple=options.canvas_multiple or None,
+                            output_multiple=options.output_multiple)
+  rows = []
+  for name in datasets:
+    res = runner.evaluate(seg, name, options=options, data_dir=data_dir, out_dir=out, extra=extra,
+                          log=lambda s: print(s, flush=True))
+    rows.append(res)
+    print(f"{name}: mIoU {res['mIoU']:.2f}  ({res['num_images']} images, {res['time_s']:.1f} s)", flush=True)
+  print()
+  print(runner.format_table(rows))
+  print(f"\nresults in {os.path.abspath(out)}/eval_<dataset>.json")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
