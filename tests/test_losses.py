@@ -8,7 +8,6 @@ golden case (official SAN training pass: recorded outputs, point draws, matches 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import subprocess
@@ -307,13 +306,6 @@ def test_criterion_on_a_batch_sharded_over_8_devices():
   assert res.returncode == 0 and "sharded ok" in res.stdout, res.stderr[-3000:]
 
 
-# ---- the whole training pass of the parity checker ----------------------------------------------------
-@pytest.mark.slow
-def test_check_parity_tiny_b16_all_ok():
-  report = io.StringIO()
-  rows, ok = check_parity.check(str(case_dir("tiny_b16")), out=report)
-  bad = [r["name"] for r in rows if not r["ok"]]
-  assert ok and not bad, bad
-  names = {r["name"] for r in rows}
-  assert any(n.startswith("grad/") for n in names) and "loss/total" in names
-  assert report.getvalue().strip().splitlines()[-1].startswith("parity: 60/60 arrays ok")
+# The whole golden case (forward, losses, assignments, gradients) through the parity checker is
+# tests/test_san_model.py::test_parity_tiny_b16_every_array.
+
