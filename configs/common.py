@@ -82,6 +82,7 @@ def evaluation() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       evaluators=["sem_seg"], tta=False, tta_scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75], tta_flip=True,
       sliding_window=False, window=640, stride=426, batch_size=1,
+      max_examples=None,  # evaluate only the first N examples of each set (quick periodic checks)
   ))
 
 

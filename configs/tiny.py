@@ -41,6 +41,8 @@ def get_config(arg=None):
   cfg.data.min_size_train = [96, 128, 160]
   cfg.data.max_size_train = 320
   cfg.data.eval_datasets = ["shapes"]
+  cfg.train.eval_every = 100
+  cfg.eval.max_examples = 16
   cfg.data.eval_min_size = 128
   cfg.data.eval_max_size = 320
   return cfg

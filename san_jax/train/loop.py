@@ -175,6 +175,7 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
   step_fn = None
   rng = jax.random.key(t.seed + 1)
   writer = MetricsWriter(workdir, is_main)
+  periodic_eval = PeriodicEval(cfg, workdir)
   preempted = {"flag": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
   last: Dict[str, Any] = {}
@@ -212,6 +213,10 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
         if int(jax.device_get(state["nonfinite"])) > 0:
           _on_nonfinite(t.on_nonfinite, int(jax.device_get(state["last_nonfinite_step"])), {})
         ckpts.save(done, state, pipe.get_state())
+      if periodic_eval.due(done, done == t.steps):
+        row = periodic_eval(trainer.model(state, frozen), done)
+        writer.write({"step": done, **row})
+        t_last, step_last = time.perf_counter(), done  # keep evaluation time out of the training rate
       if preempted["flag"]:
         log.warning("SIGTERM: saved step %d, exiting", done)
         break
@@ -222,6 +227,37 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
     pipe.close()
     signal.signal(signal.SIGTERM, previous)
   return last
+
+
+class PeriodicEval:
+  """Evaluates the current parameters on `data.eval_datasets` every `train.eval_every` steps and at the
+  end (the evaluation runner; one Segmenter reused, so nothing recompiles between evaluations)."""
+
+  def __init__(self, cfg, workdir: Path):
+    self.cfg = cfg
+    self.every = int(cfg.train.get("eval_every", 0) or 0)
+    self.datasets = list(cfg.data.get("eval_datasets", []) or [])
+    self.out_dir = workdir / "eval"
+    self.segmenter = None
+
+  def due(self, step: int, last: bool) -> bool:
+    return bool(self.datasets) and self.every > 0 and (step % self.every == 0 or last)
+
+  def __call__(self, model, step: int) -> Dict[str, float]:
+    from san_jax.evaluation import inference, runner
+    if self.segmenter is None:
+      self.segmenter = inference.Segmenter(model)
+    else:
+      self.segmenter.set_model(model)
+    options = runner.EvalOptions.from_config(self.cfg, max_examples=self.cfg.eval.get("max_examples", None))
+    row = {}
+    for name in self.datasets:
+      res = runner.evaluate(self.segmenter, name, options=options, data_dir=self.cfg.data.data_dir or None,
+                            out_dir=str(self.out_dir / f"step_{step}"), extra={"step": step})
+      for k in ("mIoU", "fwIoU", "mACC", "pACC", "mIoU-seen", "mIoU-unseen"):
+        if isinstance(res.get(k), (int, float)):
+          row[f"eval/{name}/{k}"] = float(res[k])
+    return row
 
 
 def _on_nonfinite(mode: str, step: int, metrics: Dict[str, Any]):
