@@ -142,6 +142,7 @@ def restore_params(directory: str | os.PathLike) -> Tuple[FlatParams, dict]:
 # ---- train-state checkpoints --------------------------------------------------------------------------
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+RUN_CONFIG_ITEM = "config"
 
 
 class TrainCheckpoints:
@@ -158,16 +159,24 @@ class TrainCheckpoints:
     self.directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM))
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=(STATE_ITEM, DATA_ITEM, RUN_CONFIG_ITEM))
 
   def steps(self):
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: Optional[Mapping[str, Any]] = None, *,
-           force: bool = True) -> bool:
+  def save(self, step: int, state: Any, data_state: Optional[Mapping[str, Any]] = None,
+           config: Optional[Mapping[str, Any]] = None, *, force: bool = True) -> bool:
+    """Saves the state, the data position and the run's config (a JSON dict) together as `step`."""
     return self._manager.save(int(step), args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(state),
-        DATA_ITEM: ocp.args.JsonSave(dict(data_state or {}))}), force=force)
+        DATA_ITEM: ocp.args.JsonSave(dict(data_state or {})),
+        RUN_CONFIG_ITEM: ocp.args.JsonSave(dict(config or {}))}), force=force)
+
+  def config(self, step: int) -> dict:
+    """The run config saved with `step`."""
+    restored = self._manager.restore(int(step), args=ocp.args.Composite(**{RUN_CONFIG_ITEM: ocp.args.JsonRestore()}))
+    return dict(restored[RUN_CONFIG_ITEM] or {})
 
   def restore(self, step: int, target: Any) -> Tuple[Any, dict]:
     """Restores `step` into the structure, shapes, dtypes and shardings of `target` (concrete arrays or

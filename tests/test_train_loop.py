@@ -114,3 +114,39 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, cap
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(1000.0))
   assert any("step 2" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
   ck.close()
+
+
+def test_checkpoint_holds_state_data_position_and_config_together(tmp_path):
+  ck = checkpoint.TrainCheckpoints(tmp_path, keep=2)
+  ck.save(5, {"w": jax.numpy.ones(3)}, {"batches": 5}, {"train": {"steps": 10}})
+  ck.wait()
+  state, data = ck.restore_latest({"w": jax.numpy.zeros(3)})
+  assert data == {"batches": 5} and ck.config(5) == {"train": {"steps": 10}}
+  np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(3))
+  ck.close()
+
+
+def test_init_from_a_converted_clip_checkpoint_sets_sans_clip(tmp_path):
+  """train.init_from with a CLIP params checkpoint (convert.clip_checkpoint's output) initialises SAN's
+  CLIP image tower and text tower from it; the side network keeps its own initialisation."""
+  from flax import nnx
+  from san_jax.models import clip as clip_lib
+  from san_jax.models import params as params_lib
+  from san_jax.train import loop, sharding, steps
+  from tests.train_utils import model_config, tiny_config
+  cfg = tiny_config()
+  mcfg = model_config(cfg)
+  clip_model = clip_lib.CLIP(mcfg.clip, rngs=nnx.Rngs(7))
+  flat = {p: np.asarray(v) for p, v in params_lib.flat_params(clip_model).items()}
+  checkpoint.save_params(tmp_path / "clip", flat, {"clip_config": clip_lib.config_to_dict(mcfg.clip)})
+  init = loop._load_init_params(str(tmp_path / "clip"))
+  mesh = sharding.make_mesh(cfg.mesh.shape.to_dict(), jax.devices()[:1])
+  tr = steps.Trainer(mcfg, cfg.train, mesh, [tuple(r) for r in cfg.mesh.rules], 3)
+  state, frozen = tr.init(jax.random.key(0), init)
+  model = tr.model(state, frozen)
+  np.testing.assert_array_equal(np.asarray(model.clip_visual.conv1.kernel[...]), flat[("visual", "conv1", "kernel")])
+  np.testing.assert_array_equal(np.asarray(model.clip_visual.positional_embedding[...]),
+                                flat[("visual", "positional_embedding")])  # trainable, initialised too
+  np.testing.assert_array_equal(np.asarray(model.ov_classifier.token_embedding.embedding[...]),
+                                flat[("token_embedding", "embedding")])
+  np.testing.assert_array_equal(np.asarray(model.ov_classifier.logit_scale[...]), flat[("logit_scale",)])

@@ -149,8 +149,9 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
   model_cfg = san_lib.config_from_dict(cfg.model.to_dict())
   mesh = sharding.make_mesh(cfg.mesh.shape.to_dict())
   rules = [tuple(r) for r in cfg.mesh.rules]
+  run_config = json.loads(cfg.to_json_best_effort())
   if is_main:
-    (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
+    (workdir / "config.json").write_text(json.dumps(run_config, indent=1))
 
   source = make_source(cfg.data, cfg.data.train_split)
   names = class_names(source, cfg.data)
@@ -212,7 +213,7 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
       if done % t.checkpoint_every == 0 or done == t.steps or preempted["flag"]:
         if int(jax.device_get(state["nonfinite"])) > 0:
           _on_nonfinite(t.on_nonfinite, int(jax.device_get(state["last_nonfinite_step"])), {})
-        ckpts.save(done, state, pipe.get_state())
+        ckpts.save(done, state, pipe.get_state(), run_config)
       if periodic_eval.due(done, done == t.steps):
         row = periodic_eval(trainer.model(state, frozen), done)
         writer.write({"step": done, **row})

@@ -1,0 +1,75 @@
+"""All benchmarks, one table: `python -m benchmarks [--quick] [--out results.json]`.
+
+Runs, on whatever machine this is (the table names it):
+  * SAN inference, ViT-B/16 and ViT-L/14 geometry at 640x640, 150 classes, float32 and bfloat16;
+  * the SAN train step, ViT-B/16 geometry at 640x640, batch 1 and 2, float32;
+  * the CLIP ViT-B/16 image tower at 224 and 320 against the PyTorch reference (when torch is installed);
+and measures the machine's float32 matmul throughput (a jitted 2048x2048 matmul) to read GFLOP/s against.
+`--quick` runs only the float32 B/16 rows. Every number is a median of several runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from typing import Optional, Sequence
+
+from benchmarks import clip_forward, san_inference, train_step
+
+
+def machine() -> str:
+  import jax
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--runs", type=int, default=5)
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+  peak = clip_forward.matmul_peak(runs=10)
+  models = ["b16"] if args.quick else ["b16", "l14"]
+  dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
+  inference = [san_inference.bench(m, d, 640, 150, args.runs) for m in models for d in dtypes]
+  steps = [train_step.bench("b16", b, "float32", args.runs) for b in ([1] if args.quick else [1, 2])]
+  clip = None
+  if not args.quick:
+    try:
+      clip = clip_forward.main(["--runs", str(args.runs)])
+    except ImportError as e:  # torch is a dev dependency
+      print(f"(CLIP forward benchmark skipped: {e})")
+
+  print(f"\nmachine: {machine()}; float32 matmul peak {peak['gflops']:.0f} GFLOP/s\n")
+  lines = ["| benchmark | dtype | s per image/step | images/s | compile s | GFLOP/s (% of f32 peak) | peak memory GB | official PyTorch |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in inference:
+    lines.append(f"| SAN {r['model']} inference 640 / 150 cls | {r['dtype']} | {r['median_s']:.3f} | {r['images_per_s']:.2f} | "
+                 f"{r['compile_s']:.1f} | {r['gflops_per_s']:.0f} ({100 * r['gflops_per_s'] / peak['gflops']:.0f}%) | "
+                 f"{r['rss_peak_gb']:.1f} RSS, {r['xla_peak_gb']:.1f} XLA | {r['official_s']:.2f} s |")
+  for r in steps:
+    off = f"{r['official_s']:.1f} s" if r["official_s"] else "-"
+    lines.append(f"| SAN {r['model']} train step 640, batch {r['batch']} | {r['dtype']} | {r['median_s']:.2f} | "
+                 f"{r['images_per_s']:.2f} | {r['first_step_s']:.1f} | - | {r['rss_peak_gb']:.1f} RSS | {off} |")
+  if clip:
+    for r in clip.get("sizes", []):
+      lines.append(f"| CLIP B/16 image tower {r.get('size')} | float32 | {r.get('jax_ms', 0) / 1e3:.3f} | - | "
+                   f"{r.get('jax_compile_s', 0):.1f} | {r.get('jax_gflops', 0):.0f} | - | torch {r.get('torch_ms', 0) / 1e3:.3f} s |")
+  print("\n".join(lines))
+  result = {"machine": machine(), "matmul_peak": peak, "inference": inference, "train_step": steps, "clip": clip}
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+if __name__ == "__main__":
+  main()
