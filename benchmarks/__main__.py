@@ -16,7 +16,7 @@ import os
 import platform
 from typing import Optional, Sequence
 
-from benchmarks import clip_forward, san_inference, train_step
+from benchmarks import clip_forward, common, san_inference, train_step
 
 
 def machine() -> str:
@@ -36,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
-  peak = clip_forward.matmul_peak(runs=10)
+  peak = common.matmul_peak(runs=10)
   models = ["b16"] if args.quick else ["b16", "l14"]
   dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
   inference = [san_inference.bench(m, d, 640, 150, args.runs) for m in models for d in dtypes]
@@ -65,9 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    f"{r.get('jax_compile_s', 0):.1f} | {r.get('jax_gflops', 0):.0f} | - | torch {r.get('torch_ms', 0) / 1e3:.3f} s |")
   print("\n".join(lines))
   result = {"machine": machine(), "matmul_peak": peak, "inference": inference, "train_step": steps, "clip": clip}
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+  common.write_json(result, args.out)
   return result
 
 

@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from benchmarks.common import matmul_peak, time_calls, time_interleaved  # noqa: F401 (re-exported)
+
 MODEL = "ViT-B/16"
 
 
@@ -40,46 +42,11 @@ def vit_image_flops(cfg, height: int, width: int) -> int:
   return patch + v.layers * block + 2 * d * v.output_dim
 
 
-def time_calls(fn: Callable[[], object], runs: int, warmup: int = 2) -> List[float]:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return times
-
-
-def time_interleaved(fns: Sequence[Callable[[], object]], runs: int, warmup: int = 2) -> List[List[float]]:
-  """Per-call times of several functions, alternating calls so background load hits them alike."""
-  for _ in range(warmup):
-    for fn in fns:
-      fn()
-  times: List[List[float]] = [[] for _ in fns]
-  for _ in range(runs):
-    for fn, ts in zip(fns, times):
-      t0 = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t0)
-  return times
-
-
 def torch_matmul(runs: int, n: int = 2048) -> Dict[str, float]:
   """The same product in torch (its BLAS), to read the torch column against."""
   import torch
   a, b = torch.randn(n, n), torch.randn(n, n)
   t = statistics.median(time_calls(lambda: a @ b, runs))
-  return {"n": n, "median_ms": 1e3 * t, "gflops": 2 * n ** 3 / t / 1e9}
-
-
-def matmul_peak(runs: int, n: int = 2048) -> Dict[str, float]:
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  mm = jax.jit(jnp.matmul)
-  t = statistics.median(time_calls(lambda: mm(a, b).block_until_ready(), runs))
   return {"n": n, "median_ms": 1e3 * t, "gflops": 2 * n ** 3 / t / 1e9}
 
 

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from benchmarks.clip_forward import matmul_peak, time_calls
+from benchmarks.common import matmul_peak, time_calls, write_json
 
 MODELS = {"b16": "san_vit_b16", "l14": "san_vit_l14"}
 OFFICIAL_SECONDS = {"b16": 2.56, "l14": 8.29}
@@ -94,9 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   rows = [bench(m, d, args.size, args.classes, args.runs) for m in args.models for d in args.dtypes]
   print(format_table(rows, peak))
   result = {"rows": rows, "matmul_peak": peak}
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+  write_json(result, args.out)
   return result
 
 

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from benchmarks.clip_forward import time_calls
+from benchmarks.common import time_calls, write_json
 
 OFFICIAL_STEP_S = {"b16": 7.2}
 
@@ -98,9 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   rows = [bench(args.model, b, args.dtype, args.runs) for b in args.batch_sizes]
   print(format_table(rows))
   result = {"rows": rows}
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+  write_json(result, args.out)
   return result
 
 
