@@ -19,7 +19,7 @@ from san_jax import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--config", "configs/tiny.py", "--config.train.log_every=1", "--config.train.checkpoint_every=3",
-          "--config.data.num_examples=16", "--config.train.keep_checkpoints=10"]
+          "--config.data.num_examples=16", "--config.train.keep_checkpoints=10", "--config.train.eval_every=0"]
 
 
 def _run(workdir, steps, extra=(), wait=True):
@@ -34,7 +34,9 @@ def _metrics(workdir):
   rows = {}
   for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
     row = json.loads(line)
-    rows[row["step"]] = row  # a resumed run re-logs steps after its checkpoint: the last one counts
+    # several rows may share a step (training metrics, evaluation); a resumed run re-logs the steps after
+    # its checkpoint: later values win
+    rows.setdefault(row["step"], {}).update(row)
   return rows
 
 
