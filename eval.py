@@ -92,6 +92,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   fv = flags.FlagValues()
   f = _define_flags(fv, ["eval.py"] + argv)
+  if any(a in ("-h", "--help", "--helpfull") for a in argv):
+    print(__doc__ + "\nflags:\n" + fv.get_help())
+    return 0
   fv(["eval.py"] + argv)
   if bool(f["workdir"].value) == bool(f["checkpoint"].value):
     print("eval.py: give exactly one of --workdir and --checkpoint", file=sys.stderr)

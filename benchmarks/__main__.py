@@ -2,7 +2,8 @@
 
 Runs, on whatever machine this is (the table names it):
   * SAN inference, ViT-B/16 and ViT-L/14 geometry at 640x640, 150 classes, float32 and bfloat16;
-  * the SAN train step, ViT-B/16 geometry at 640x640, batch 1 and 2, float32;
+  * the SAN train step at 640x640: ViT-B/16 at batch 1 and 2 in float32 and at batch 1 in bfloat16, ViT-L/14
+    at batch 1 in float32 and bfloat16;
   * the CLIP ViT-B/16 image tower at 224 and 320 against the PyTorch reference (when torch is installed);
 and measures the machine's float32 matmul throughput (a jitted 2048x2048 matmul) to read GFLOP/s against.
 `--quick` runs only the float32 B/16 rows. Every number is a median of several runs after warm-up.
@@ -40,7 +41,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   models = ["b16"] if args.quick else ["b16", "l14"]
   dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
   inference = [san_inference.bench(m, d, 640, 150, args.runs) for m in models for d in dtypes]
-  steps = [train_step.bench("b16", b, "float32", args.runs) for b in ([1] if args.quick else [1, 2])]
+  # Train steps take 10-60 s each on a CPU: at most 3 timed steps per row.
+  step_rows = [("b16", 1, "float32")] if args.quick else [
+      ("b16", 1, "float32"), ("b16", 2, "float32"), ("b16", 1, "bfloat16"), ("l14", 1, "float32"), ("l14", 1, "bfloat16")]
+  steps = [train_step.bench(m, b, d, min(args.runs, 3)) for m, b, d in step_rows]
   clip = None
   if not args.quick:
     try:

@@ -142,6 +142,25 @@ class ShapesSpec:
   min_radius: float = 0.08  # fractions of min(height, width)
   max_radius: float = 0.25
   classes: Optional[Tuple[int, ...]] = None
+  # Random rotation of the rotation-invariant-named shapes (circle, triangle, star, hexagon) over the full
+  # turn; False keeps every shape upright (within the square/diamond's small tilt): an easier set, for
+  # models that must learn shape from a few thousand images (the CPU demo's tiny CLIP).
+  rotate: bool = True
+
+
+def spec_from_config(data_cfg, *, all_classes: bool = False) -> ShapesSpec:
+  """The ShapesSpec a run config's `data` section describes (keys `shapes_*`; absent keys keep the defaults).
+  all_classes: ignore `shapes_classes` (evaluation draws objects of every class, seen and unseen)."""
+  d, default = data_cfg, ShapesSpec()
+  size = int(d.get("shapes_image_size", default.image_size[0]))
+  classes = None if all_classes else d.get("shapes_classes", None)
+  return ShapesSpec(image_size=(size, size),
+                    min_objects=int(d.get("shapes_min_objects", default.min_objects)),
+                    max_objects=int(d.get("shapes_max_objects", default.max_objects)),
+                    min_radius=float(d.get("shapes_min_radius", default.min_radius)),
+                    max_radius=float(d.get("shapes_max_radius", default.max_radius)),
+                    classes=tuple(int(c) for c in classes) if classes else None,
+                    rotate=bool(d.get("shapes_rotate", default.rotate)))
 
 
 def _paint(img: np.ndarray, label: np.ndarray, pts, cid: int, color, rng: np.random.Generator) -> None:
@@ -182,7 +201,8 @@ def render(index: int, *, seed: int = 0, split: str = "train", spec: ShapesSpec 
     color, shape = combos[cid]
     r = rng.uniform(spec.min_radius, spec.max_radius) * side
     cx, cy = rng.uniform(0.5 * r, w - 0.5 * r), rng.uniform(0.5 * r, h - 0.5 * r)
-    angle = rng.uniform(-0.25, 0.25) if shape in ("square", "diamond") else rng.uniform(0, 2 * math.pi)
+    upright = shape in ("square", "diamond") or not spec.rotate
+    angle = rng.uniform(-0.25, 0.25) if upright else rng.uniform(0, 2 * math.pi)
     pts = _polygon(shape, cx, cy, r, angle)
     _paint(img, label, pts, cid, COLORS[color], rng)
   image = np.clip(np.rint(img), 0, 255).astype(np.uint8)

@@ -41,10 +41,8 @@ def make_source(data_cfg, split: str):
   if data_cfg.train == "shapes":
     from san_jax.data import shapes
     n = int(data_cfg.get("num_examples", 512))
-    size = int(data_cfg.get("shapes_image_size", 192))
-    classes = data_cfg.get("shapes_classes", None)
-    spec = shapes.ShapesSpec(image_size=(size, size), classes=tuple(classes) if classes else None)
-    return shapes.ShapesSource(n, seed=int(data_cfg.get("shapes_seed", 0)), split=split, spec=spec)
+    return shapes.ShapesSource(n, seed=int(data_cfg.get("shapes_seed", 0)), split=split,
+                               spec=shapes.spec_from_config(data_cfg))
   if not data_cfg.data_dir:
     raise ValueError(f"data.data_dir is empty: build {data_cfg.train!r} first (python -m san_jax.data.build "
                      f"{data_cfg.train} --manual_dir ... --data_dir DIR) and pass --config.data.data_dir=DIR")
