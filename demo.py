@@ -53,27 +53,35 @@ def read_jsonl(path: Path) -> List[Dict]:
 def pretrain_clip(cfg, workdir: Path) -> Dict:
   from san_jax.train import clip_pretrain
   done = workdir / CLIP_DONE
+  # What the CLIP stage depends on: reused only when none of it changed.
+  recipe = {"clip_pretrain": cfg.clip_pretrain.to_dict(), "clip": cfg.model.clip.to_dict(),
+            "feature_last_layer_idx": cfg.model.feature_last_layer_idx,
+            "clip_resolution": cfg.model.clip_resolution}
+  recipe = json.loads(json.dumps(recipe))  # tuples -> lists, as read back from the file
   if done.exists() and (workdir / "clip").exists():
     summary = json.loads(done.read_text())
-    say(f"[1/3] CLIP: reusing {workdir / 'clip'} (zero-shot accuracy on held-out renders "
-        f"{clip_pretrain.format_report(summary)}); --fresh to retrain")
-    return summary
+    if summary.get("recipe") == recipe:
+      say(f"[1/3] CLIP: reusing {workdir / 'clip'} (zero-shot accuracy on held-out renders "
+          f"{clip_pretrain.format_report(summary)}); --fresh to retrain")
+      return summary
+    say(f"[1/3] CLIP: {workdir / 'clip'} was trained with other settings: training it again")
+  if (workdir / "san").exists():  # a SAN trained on another CLIP: stage 2 starts over
+    shutil.rmtree(workdir / "san")
   say("[1/3] contrastive pretraining of a tiny CLIP on captioned shapes (all 48 classes)")
   metrics = workdir / "clip_metrics.jsonl"
   metrics.unlink(missing_ok=True)
   summary = clip_pretrain.pretrain(cfg, str(workdir / "clip"), log=say, metrics_path=str(metrics))
+  summary["recipe"] = recipe
   done.write_text(json.dumps(summary, indent=1))
   return summary
 
 
-def train_san(cfg, workdir: Path) -> float:
+def train_san(cfg, workdir: Path) -> None:
   from san_jax.train import loop
   say(f"[2/3] SAN: training the side network on the {len(cfg.data.shapes_classes)} seen classes "
       f"({cfg.train.steps} steps of {cfg.train.batch_size} images), CLIP frozen")
-  t0 = time.perf_counter()
   cfg.train.init_from = str(workdir / "clip")
   loop.train(cfg, str(workdir / "san"))
-  return time.perf_counter() - t0
 
 
 def chance_level(source, num_classes: int, subsets: Dict[str, Sequence[int]], draws: int, seed: int = 0) -> Dict:
@@ -101,7 +109,8 @@ def chance_level(source, num_classes: int, subsets: Dict[str, Sequence[int]], dr
 
 
 def evaluate(cfg, workdir: Path):
-  """(results, chance, segmenter, val source); mIoU in percent, as detectron2 reports it, on the validation scenes of all 48 classes."""
+  """(results, chance, segmenter, val source) on the validation scenes of all 48 classes; mIoU in percent,
+  as detectron2 reports it."""
   sys.path.insert(0, str(Path(__file__).resolve().parent))
   from eval import load_workdir_model  # the same restore as `python eval.py --workdir`
   from san_jax.data import shapes
@@ -125,7 +134,6 @@ def segmentation_grid(seg, source, n: int, path: Path, upscale: int) -> None:
   """Image | ground truth | prediction (all 48 names in the vocabulary) for the first n validation scenes;
   unseen class names are marked with '*' in the legends. Background pixels are left untinted in the truth,
   and in the prediction where SAN assigns no class (total class score < 0.5)."""
-  from PIL import Image
   from san_jax import viz
   from san_jax.data import shapes
   names = shapes.class_names()
@@ -154,7 +162,7 @@ def curves(workdir: Path, res: Dict, chance: Dict, path: Path) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   ax = axes[0]
   if clip_rows:
-    ax.plot([r["step"] for r in clip_rows], [r["loss"] for r in clip_rows], label="contrastive loss")
+    ax.plot([r["step"] for r in clip_rows], [r["loss"] for r in clip_rows], label="loss (region + patch captions)")
     ax2 = ax.twinx()
     ax2.plot([r["step"] for r in clip_rows], [r["batch_acc"] for r in clip_rows], color="tab:orange",
              label="batch caption accuracy")
@@ -208,14 +216,17 @@ def main(argv):
   curves(workdir, res, chance, workdir / "curves.png")
   t3 = time.perf_counter()
   summary = {"mIoU_seen": res.get("mIoU-seen"), "mIoU_unseen": res.get("mIoU-unseen"), "mIoU": res.get("mIoU"),
-             "hIoU": res.get("hIoU"), "chance_mIoU_unseen": chance["mIoU-unseen"], "chance": chance, "clip_zero_shot": clip_summary,
+             "hIoU": res.get("hIoU"), "chance_mIoU_unseen": chance["mIoU-unseen"], "chance": chance,
+             "clip_zero_shot": clip_summary,
              "time_s": {"clip": t1 - t0, "san": t2 - t1, "eval_and_pictures": t3 - t2, "total": t3 - t0}}
   (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+  from san_jax.data import shapes
+  n_seen, n_unseen, n_all = len(shapes.seen_classes()), len(shapes.unseen_classes()), len(shapes.class_names())
   fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1f}"
   say("")
-  say(f"mIoU, seen classes (36, trained on):        {fmt(res.get('mIoU-seen'))}")
-  say(f"mIoU, unseen classes (12, never a target):  {fmt(res.get('mIoU-unseen'))}   "
-      f"(chance: {fmt(summary['chance_mIoU_unseen'])}, a guesser with perfect masks and a random name of 48)")
+  say(f"mIoU, seen classes ({n_seen}, trained on):        {fmt(res.get('mIoU-seen'))}")
+  say(f"mIoU, unseen classes ({n_unseen}, never a target):  {fmt(res.get('mIoU-unseen'))}   "
+      f"(chance: {fmt(summary['chance_mIoU_unseen'])}, a guesser with perfect masks and a random name of {n_all})")
   say(f"pictures: {workdir / 'segmentations.png'}, {workdir / 'curves.png'}; numbers: {workdir / 'summary.json'}")
   say(f"time: CLIP {t1 - t0:.0f}s, SAN {t2 - t1:.0f}s, evaluation and pictures {t3 - t2:.0f}s")
 

@@ -40,16 +40,33 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   peak = common.matmul_peak(runs=10)
   models = ["b16"] if args.quick else ["b16", "l14"]
   dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
-  inference = [san_inference.bench(m, d, 640, 150, args.runs) for m in models for d in dtypes]
+  failures = []
+
+  def attempt(name, fn, *a):
+    """One row; a failing row is reported (and fails the command) without losing the others."""
+    try:
+      row = fn(*a)
+      print(f"{name}: {json.dumps(row, default=str)}", flush=True)  # kept in the log if a later row dies
+      return row
+    except (Exception, SystemExit) as e:  # pylint: disable=broad-except
+      print(f"FAILED {name}: {type(e).__name__}: {e}", flush=True)
+      failures.append(f"{name}: {e}")
+      return None
+
+  inference = [attempt(f"inference {m} {d}", san_inference.bench, m, d, 640, 150, args.runs)
+               for m in models for d in dtypes]
   # Train steps take 10-60 s each on a CPU: at most 3 timed steps per row.
   step_rows = [("b16", 1, "float32")] if args.quick else [
       ("b16", 1, "float32"), ("b16", 2, "float32"), ("b16", 1, "bfloat16"), ("l14", 1, "float32"), ("l14", 1, "bfloat16")]
-  steps = [train_step.bench(m, b, d, min(args.runs, 3)) for m, b, d in step_rows]
+  steps = [attempt(f"train step {m} batch {b} {d}", train_step.bench, m, b, d, min(args.runs, 3))
+           for m, b, d in step_rows]
+  inference, steps = [r for r in inference if r], [r for r in steps if r]
   clip = None
   if not args.quick:
     try:
-      clip = clip_forward.main(["--runs", str(args.runs)])
-    except ImportError as e:  # torch is a dev dependency
+      import torch  # noqa: F401  (the PyTorch side of the comparison; a dev dependency)
+      clip = attempt("CLIP forward", clip_forward.main, ["--runs", str(max(args.runs, 5))])
+    except ImportError as e:
       print(f"(CLIP forward benchmark skipped: {e})")
 
   print(f"\nmachine: {machine()}; float32 matmul peak {peak['gflops']:.0f} GFLOP/s\n")
@@ -62,14 +79,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   for r in steps:
     off = f"{r['official_s']:.1f} s" if r["official_s"] else "-"
     lines.append(f"| SAN {r['model']} train step 640, batch {r['batch']} | {r['dtype']} | {r['median_s']:.2f} | "
-                 f"{r['images_per_s']:.2f} | {r['first_step_s']:.1f} | - | {r['rss_peak_gb']:.1f} RSS | {off} |")
+                 f"{r['images_per_s']:.2f} | {r['compile_s']:.1f} | {r['gflops_per_s']:.0f} "
+                 f"({100 * r['gflops_per_s'] / peak['gflops']:.0f}%) | {r['rss_peak_gb']:.1f} RSS | {off} |")
   if clip:
     for r in clip.get("sizes", []):
       lines.append(f"| CLIP B/16 image tower {r.get('size')} | float32 | {r.get('jax_ms', 0) / 1e3:.3f} | - | "
                    f"{r.get('jax_compile_s', 0):.1f} | {r.get('jax_gflops', 0):.0f} | - | torch {r.get('torch_ms', 0) / 1e3:.3f} s |")
   print("\n".join(lines))
-  result = {"machine": machine(), "matmul_peak": peak, "inference": inference, "train_step": steps, "clip": clip}
+  result = {"machine": machine(), "matmul_peak": peak, "inference": inference, "train_step": steps, "clip": clip,
+            "failures": failures}
   common.write_json(result, args.out)
+  if failures:
+    raise SystemExit("benchmark rows failed:\n  " + "\n  ".join(failures))
   return result
 
 

@@ -55,6 +55,11 @@ def test_demo_runs_every_stage_and_writes_its_pictures(tmp_path):
   assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
   assert "CLIP: reusing" in again.stdout and "clip step" not in again.stdout
   assert "step 1/3" not in again.stdout
+  # A changed CLIP recipe is not mistaken for the finished one.
+  changed = _run(tmp_path, "--config.clip_pretrain.lr=1e-3")
+  assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+  assert "trained with other settings" in changed.stdout and "clip step" in changed.stdout
+  assert "step 1/3" in changed.stdout  # and SAN, which depends on it, trains again
 
 
 def test_chance_level_matches_its_definition():

@@ -6,6 +6,7 @@ import io
 import json
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -158,6 +159,17 @@ def test_vocabulary_errors(tiny_segmenter):
     tiny_segmenter.segment(img, ["cat", "  "])
   with pytest.raises(VocabularyError, match="not one string"):
     tiny_segmenter.segment(img, "cat, dog")
+
+
+def test_class_embeddings_of_another_width_are_refused_by_name():
+  """Embeddings from another CLIP's text tower (e.g. 512-wide for a 768-wide model) fail at the classifier
+  with both widths named, not inside XLA's concatenate."""
+  cfg = san_lib.config_from_dict(tiny.get_config().model.to_dict())
+  model = san_lib.SAN(cfg, rngs=nnx.Rngs(0))
+  width = model.ov_classifier.bg_embed[...].shape[-1]
+  with pytest.raises(ValueError, match=rf"\[num_classes, {width}\].*\(5, {width + 3}\)"):
+    model.ov_classifier.classifier(jnp.zeros((5, width + 3)))
+  assert model.ov_classifier.classifier(jnp.ones((5, width)))["classifier_normed"].shape == (6, width)
 
 
 def test_large_vocabulary_is_chunked_and_cached(tiny_segmenter):

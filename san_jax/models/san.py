@@ -122,6 +122,9 @@ class OVClassifier(clip_lib.TextTower):
     """[C, E] class embeddings -> the classifier: bg row appended, rows normalised, times exp(logit_scale).
     Runs inside every forward: bg_embed is trainable."""
     bg = self.bg_embed[...].astype(class_embeddings.dtype)
+    if class_embeddings.ndim != 2 or class_embeddings.shape[-1] != bg.shape[-1]:
+      raise ValueError(f"class embeddings must be [num_classes, {bg.shape[-1]}] (this CLIP's text embedding "
+                       f"width), got {tuple(class_embeddings.shape)}")
     normed = clip_lib.l2_normalize(jnp.concatenate([class_embeddings, bg], 0))
     return {"classifier_normed": normed, "classifier_weight": jnp.exp(self.logit_scale[...]) * normed}
 
