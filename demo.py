@@ -120,8 +120,7 @@ def evaluate(cfg, workdir: Path):
   model, step = load_workdir_model(str(workdir / "san"), cfg)
   seg = inference.Segmenter(model)
   options = runner.EvalOptions.from_config(cfg)
-  source = shapes.ShapesSource(int(cfg.data.shapes_num_val), seed=int(cfg.data.shapes_seed), split="val",
-                               spec=shapes.spec_from_config(cfg.data, all_classes=True))
+  source = runner.make_source("shapes", options)  # the demo's scenes (its shapes_* keys), all 48 classes
   res = runner.evaluate(seg, "shapes", options=options, source=source, out_dir=str(workdir),
                         extra={"step": step, "workdir": str(workdir / "san")}, log=say)
   subsets = runner.class_subsets(source, "shapes", shapes.class_names())
@@ -219,6 +218,8 @@ def main(argv):
              "hIoU": res.get("hIoU"), "chance_mIoU_unseen": chance["mIoU-unseen"], "chance": chance,
              "clip_zero_shot": clip_summary,
              "time_s": {"clip": t1 - t0, "san": t2 - t1, "eval_and_pictures": t3 - t2, "total": t3 - t0}}
+  # Strict JSON: NaN (no ground-truth pixel of a subset, in a short run) becomes null.
+  summary = json.loads(json.dumps(summary), parse_constant=lambda c: None)
   (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
   from san_jax.data import shapes
   n_seen, n_unseen, n_all = len(shapes.seen_classes()), len(shapes.unseen_classes()), len(shapes.class_names())

@@ -20,7 +20,7 @@ from san_jax.data import shapes  # noqa: E402
 
 SMOKE = ["--config.clip_pretrain.steps=3", "--config.clip_pretrain.num_images=96", "--config.clip_pretrain.num_eval=48",
          "--config.clip_pretrain.batch_size=16", "--config.train.steps=3", "--config.train.batch_size=2",
-         "--config.data.num_examples=8", "--config.data.shapes_num_val=3", "--config.demo.grid_examples=2",
+         "--config.data.num_examples=8", "--config.data.shapes_num_val=12", "--config.demo.grid_examples=2",
          "--config.demo.chance_draws=2"]
 
 
@@ -95,3 +95,24 @@ def test_upright_shapes_change_only_the_angles():
       ups += ys.mean() > (ys.min() + ys.max()) / 2  # the area lies low: apex up (centroid at 2/3 height)
     pointing_up.append(ups)
   assert pointing_up[0] == 12 and pointing_up[1] < 10
+
+
+def test_evaluation_draws_the_runs_own_scenes_with_every_class():
+  """eval.py / the periodic evaluation build the shapes set from the run config's shapes_* keys (the demo's
+  upright, larger objects), with objects of every class, the unseen ones included."""
+  from configs import demo_shapes
+  from san_jax.evaluation import runner
+  cfg = demo_shapes.get_config()
+  source = runner.make_source("shapes", runner.EvalOptions.from_config(cfg))
+  want = shapes.spec_from_config(cfg.data, all_classes=True)
+  assert source.spec == want and want.rotate is False and want.classes is None
+  assert want.max_objects == cfg.data.shapes_max_objects and want.min_radius == cfg.data.shapes_min_radius
+  assert len(source) == cfg.data.shapes_num_val
+  drawn = set()
+  for i in range(len(source)):
+    drawn |= {int(c) for c in np.unique(source[i]["label"]) if c != shapes.IGNORE_LABEL}
+  assert drawn & set(shapes.class_ids(shapes.unseen_classes()))
+  # A config without shapes_* keys keeps the set's defaults.
+  from configs import tiny
+  plain = runner.make_source("shapes", runner.EvalOptions.from_config(tiny.get_config()))
+  assert plain.spec == shapes.ShapesSpec(image_size=plain.spec.image_size)

@@ -30,6 +30,10 @@ DATASETS = ("coco_stuff_171", "ade20k_150", "ade20k_847", "pcontext_59", "pconte
             "shapes")
 
 
+SHAPES_SPEC_KEYS = ("shapes_rotate", "shapes_min_radius", "shapes_max_radius", "shapes_min_objects",
+                    "shapes_max_objects")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
   batch_size: int = 1  # per host; 1 reproduces the official padding exactly
@@ -50,6 +54,9 @@ class EvalOptions:
   shapes_num_examples: int = 64
   shapes_image_size: int = 128
   shapes_seed: int = 0
+  # The run config's other `shapes_*` keys (rotation, radii, objects per scene: shapes.spec_from_config), so
+  # that a run is evaluated on scenes like those it trained on; every class is drawn, unseen ones included.
+  shapes_spec: Tuple[Tuple[str, Any], ...] = ()
 
   @classmethod
   def from_config(cls, cfg, **overrides) -> "EvalOptions":
@@ -62,7 +69,8 @@ class EvalOptions:
               min_size=int(d.get("eval_min_size", 640)), max_size=int(d.get("eval_max_size", 2560)),
               shapes_num_examples=int(d.get("shapes_num_val", cls.shapes_num_examples)),
               shapes_image_size=int(d.get("shapes_image_size", cls.shapes_image_size)),
-              shapes_seed=int(d.get("shapes_seed", 0)))
+              shapes_seed=int(d.get("shapes_seed", 0)),
+              shapes_spec=tuple(sorted((k, d[k]) for k in d.keys() if k in SHAPES_SPEC_KEYS)))
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**kw)
 
@@ -100,9 +108,9 @@ def make_source(name: str, options: EvalOptions = EvalOptions(), data_dir: Optio
   """The evaluation split of a data set: `shapes` in memory, anything else built under data_dir."""
   if name == "shapes":
     from san_jax.data import shapes  # pylint: disable=g-import-not-at-top
-    s = options.shapes_image_size
+    keys = {"shapes_image_size": options.shapes_image_size, **dict(options.shapes_spec)}
     source = shapes.ShapesSource(options.shapes_num_examples, seed=options.shapes_seed, split=options.split,
-                                 spec=shapes.ShapesSpec(image_size=(s, s)))
+                                 spec=shapes.spec_from_config(keys, all_classes=True))
   else:
     if not data_dir:
       raise ValueError(f"data set {name!r} needs --data_dir: the directory `python -m san_jax.data.build "
