@@ -16,6 +16,7 @@ from flax import nnx
 from configs import demo_shapes
 from san_jax.data import shapes
 from san_jax.models import clip as clip_lib
+from san_jax.models import san as san_lib
 from san_jax.train import clip_pretrain as cp
 from san_jax.train import loop
 
@@ -73,7 +74,7 @@ def test_dense_loss_matches_torch():
 
 def _demo_clip():
   cfg = demo_shapes.get_config()
-  clip_cfg, _ = cp.clip_config_of(cfg)
+  clip_cfg = san_lib.config_from_dict(cfg.model.to_dict()).clip
   return cfg, clip_lib.CLIP(clip_cfg, rngs=nnx.Rngs(3))
 
 

@@ -147,7 +147,9 @@ def interpolate(x: jax.Array, size: Optional[Sequence[int]] = None, *,
   return x
 
 
-def _adaptive_windows(in_size: int, out_size: int):
+def adaptive_windows(in_size: int, out_size: int):
+  """torch's adaptive pooling windows [lo, hi) of output cells 0..out_size-1 (overlapping where the sizes
+  do not divide)."""
   return [((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)) for i in range(out_size)]
 
 
@@ -160,7 +162,7 @@ def _adaptive_max_along(x: jax.Array, out_size: int, axis: int) -> jax.Array:
     shape = x.shape[:axis] + (out_size, k) + x.shape[axis + 1:]
     return jnp.max(x.reshape(shape), axis=axis + 1)
   pieces = [jax.lax.slice_in_dim(x, lo, hi, axis=axis).max(axis=axis, keepdims=True)
-            for lo, hi in _adaptive_windows(in_size, out_size)]
+            for lo, hi in adaptive_windows(in_size, out_size)]
   return jnp.concatenate(pieces, axis=axis)
 
 

@@ -94,12 +94,6 @@ class PretrainConfig:
     return cls(**kw)
 
 
-def clip_config_of(cfg) -> Tuple[clip_lib.CLIPConfig, float]:
-  """The CLIPConfig of a run config's SAN model, and the SAN's clip_resolution."""
-  san_cfg = san_lib.config_from_dict(cfg.model.to_dict())
-  return san_cfg.clip, float(san_cfg.clip_resolution)
-
-
 # ---- data ------------------------------------------------------------------------------------------------
 def render_single(index: int, class_id: int, pc: PretrainConfig, split: str = "train", with_label: bool = False):
   """One object of `class_id` on a textured background, uint8 [S, S, 3] (or the {"image", "label"} dict)."""
@@ -127,18 +121,12 @@ def clip_grid(pc: PretrainConfig, clip_cfg: clip_lib.CLIPConfig, clip_resolution
 
 def region_coverage(label: np.ndarray, class_ids: Sequence[int], grid_hw: Tuple[int, int]) -> np.ndarray:
   """bool [len(class_ids), h, w]: the CLIP patches holding any pixel of each class's region (the rule of
-  SAN's max-pooled attention bias: a patch is visible when any of its pixels is)."""
-  h, w = label.shape
-  gh, gw = grid_hw
-  out = np.zeros((len(class_ids), gh, gw), bool)
-  for q, c in enumerate(class_ids):
-    m = label == c
-    for i in range(gh):
-      y0, y1 = (i * h) // gh, -((-(i + 1) * h) // gh)
-      for j in range(gw):
-        x0, x1 = (j * w) // gw, -((-(j + 1) * w) // gw)
-        out[q, i, j] = m[y0:y1, x0:x1].any()
-  return out
+  SAN's max-pooled attention bias: a patch is visible when any of its pixels is, over torch's adaptive
+  pooling windows)."""
+  masks = np.stack([label == c for c in class_ids] or [np.zeros(label.shape, bool)])
+  by_row = np.stack([masks[:, lo:hi].any(1) for lo, hi in resize.adaptive_windows(label.shape[0], grid_hw[0])], 1)
+  cells = np.stack([by_row[:, :, lo:hi].any(2) for lo, hi in resize.adaptive_windows(label.shape[1], grid_hw[1])], 2)
+  return cells[:len(class_ids)]
 
 
 def patch_labels(label: np.ndarray, grid_hw: Tuple[int, int], min_cover: float) -> np.ndarray:
