@@ -5,18 +5,24 @@
 Builds the model from CASE_DIR/case.json (official cfg, CLIP model config, side-ViT kwargs), converts
 CASE_DIR/model.pth, runs it on inputs.npz and compares every array of outputs.npz: one line per array
 (name, shape, max abs error, tolerance, ok), then `parity: N/M arrays ok, max abs err X`. Exit 0 only
-when all M arrays are produced and within tolerance (DESIGN §4): float arrays max|a-b| <= 2e-4*max|ref|,
-argmax maps >= 99.9% equal, integer assignments identical. Arrays are dispatched by name pattern, so a
-case with any geometry, vocabulary or subset of the model works; an array whose name no rule knows is
-reported as not ok.
+when all M arrays are produced and within tolerance (DESIGN §4): float arrays
+max|a-b| <= max(2e-4*max|ref|, 10*floor), where floor is the official code's own 1-vs-2-thread deviation of
+that array in CASE_DIR/noise_floor.json (`two_threads` for forward arrays, `two_threads_training` for
+`loss/` and `grad/`) when the case has one; argmax maps >= 99.9% equal, integer assignments identical.
+Arrays are dispatched by name pattern, so a case with any geometry, vocabulary or subset of the model
+works; an array whose name no rule knows is reported as not ok.
 
 Training arrays (whole-model cases): `match_<tag>_img<i>_{cost,pred_idx,tgt_idx}`, `loss/<term>`,
 `loss/total` and `grad/<official key>` come from one jitted value-and-grad pass of SAN + the set criterion
 on the case's targets (`gt_<i>_labels`, `gt_<i>_masks`), replaying the recorded point draws
 (`points_matcher_<tag>_img<i>`, `points_criterion_<tag>_{oversample,random}`); <tag> is `final` for the
-last deep-supervision output and `aux<j>` for output j. Gradients are d(loss/total)/d(param), mapped back
-to the official layout through the conversion table. The recorded importance-sampled points
-(`points_criterion_<tag>`) are checked as extra `input:` lines.
+last deep-supervision output and `aux<j>` for output j. The mask losses (and so the gradients) are taken at
+the recorded importance-sampled points `points_criterion_<tag>` when the case has them: the selection is a
+top-k, and one near-tie swapped at the k-th place by float noise moves a gradient far more than its
+tolerance (the official code's own 2-thread run selects differently from its 1-thread run). Our own
+selection from the replayed draws is checked separately, as sets, in extra `input:` lines: >= 99.9% of the
+points of every row in common. Gradients are d(loss/total)/d(param), mapped back to the official layout
+through the conversion table.
 """
 
 from __future__ import annotations
@@ -31,17 +37,51 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 REL_TOL = 2e-4
+FLOOR_FACTOR = 10.0  # tolerance = max(REL_TOL * max|ref|, FLOOR_FACTOR * the official code's own noise)
 ARGMAX_AGREEMENT = 0.999
+TRAINING_PREFIXES = ("loss/", "grad/")
+
+
+class CaseError(ValueError):
+  """A golden case directory that cannot be read: names the file and what is wrong with it."""
+
+
+def _load_npz(path: Path) -> Dict[str, np.ndarray]:
+  if not path.exists():
+    raise CaseError(f"{path}: missing (a golden case needs case.json, model.pth, inputs.npz, outputs.npz)")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError, zlib.error: all mean a damaged file
+    raise CaseError(f"{path}: damaged or not an .npz archive ({type(e).__name__}: {e})") from None
+
+
+def _load_json(path: Path, required: bool) -> Optional[Dict[str, Any]]:
+  if not path.exists():
+    if required:
+      raise CaseError(f"{path.parent}: no {path.name} (not a golden case directory)")
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CaseError(f"{path}: damaged, not JSON ({e})") from None
 
 
 class Case:
   def __init__(self, case_dir: str):
     self.dir = Path(case_dir)
-    if not (self.dir / "case.json").exists():
-      raise FileNotFoundError(f"{self.dir}: no case.json (not a golden case directory)")
-    self.meta = json.loads((self.dir / "case.json").read_text())
-    self.inputs = dict(np.load(self.dir / "inputs.npz"))
-    self.outputs = dict(np.load(self.dir / "outputs.npz"))
+    if not self.dir.is_dir():
+      raise CaseError(f"{self.dir}: no such directory")
+    self.meta = _load_json(self.dir / "case.json", required=True)
+    self.noise_floor = _load_json(self.dir / "noise_floor.json", required=False) or {}
+    self.inputs = _load_npz(self.dir / "inputs.npz")
+    self.outputs = _load_npz(self.dir / "outputs.npz")
+
+  def floor(self, name: str) -> Optional[float]:
+    """The official code's own 1-vs-2-thread max abs deviation of array `name`, when recorded."""
+    table = self.noise_floor.get("two_threads_training" if name.startswith(TRAINING_PREFIXES) else "two_threads")
+    entry = (table or {}).get(name)
+    return float(entry["max_abs"]) if isinstance(entry, dict) and "max_abs" in entry else None
 
 
 class Runner:
@@ -177,9 +217,10 @@ class Runner:
 
   def draws(self) -> Dict[str, np.ndarray]:
     """The recorded point draws, in the criterion's layout: per output, matcher points per image and the
-    importance sampler's draws per match slot (the recorded rows are the matched masks in batch order)."""
+    importance sampler's draws per match slot (the recorded rows are the matched masks in batch order);
+    plus "points", the recorded selection the losses are taken at, when every output has one."""
     inp, n_img, slots = self.case.inputs, len(self.images()[0]), self.match_slots()
-    matcher, over, rand = [], [], []
+    matcher, over, rand, points = [], [], [], []
     for s in range(self.num_outputs()):
       tag = output_tag(s, self.num_outputs())
       names = [f"points_matcher_{tag}_img{b}" for b in range(n_img)]
@@ -190,7 +231,12 @@ class Runner:
       matcher.append(np.concatenate([inp[k].reshape((1,) + inp[k].shape[-2:]) for k in names[:n_img]]))
       over.append(scatter_slots(inp[names[-2]], slots, names[-2]))
       rand.append(scatter_slots(inp[names[-1]], slots, names[-1]))
-    return {"matcher": np.stack(matcher), "oversample": np.stack(over), "random": np.stack(rand)}
+      if f"points_criterion_{tag}" in inp:
+        points.append(scatter_slots(inp[f"points_criterion_{tag}"], slots, f"points_criterion_{tag}"))
+    draws = {"matcher": np.stack(matcher), "oversample": np.stack(over), "random": np.stack(rand)}
+    if len(points) == self.num_outputs():
+      draws["points"] = np.stack(points)
+    return draws
 
   def grad_keys(self) -> List[str]:
     return sorted(k[len("grad/"):] for k in self.case.outputs if k.startswith("grad/"))
@@ -364,7 +410,9 @@ def criterion_config_from_official(san_cfg: Dict[str, Any], num_classes: int):
 METADATA = {"attn_bias_query_subset"}  # index lists that select stored subsets: not model outputs
 
 
-def compare(name: str, ref: np.ndarray, got: Optional[np.ndarray]) -> Dict[str, Any]:
+def compare(name: str, ref: np.ndarray, got: Optional[np.ndarray], floor: Optional[float] = None) -> Dict[str, Any]:
+  """One row: float arrays within max(REL_TOL * max|ref|, FLOOR_FACTOR * floor); `floor` is the official
+  code's own noise on that array (None: not recorded, the relative bound alone)."""
   row = {"name": name, "shape": list(ref.shape)}
   if got is None:
     return {**row, "ok": False, "err": None, "tol": None}
@@ -379,14 +427,31 @@ def compare(name: str, ref: np.ndarray, got: Optional[np.ndarray]) -> Dict[str, 
     same = bool(np.array_equal(got.astype(ref.dtype), ref))
     return {**row, "ok": same, "err": 0.0 if same else 1.0, "tol": 0.0}
   err = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
-  tol = REL_TOL * float(np.max(np.abs(ref))) if ref.size else 0.0
-  return {**row, "ok": err <= tol, "err": err, "tol": tol}
+  rel_tol = REL_TOL * float(np.max(np.abs(ref))) if ref.size else 0.0
+  tol = max(rel_tol, FLOOR_FACTOR * floor) if floor is not None else rel_tol
+  row = {**row, "ok": err <= tol, "err": err, "tol": tol}
+  if floor is not None and tol > rel_tol:
+    row["note"] = f"noise-floor bound ({FLOOR_FACTOR:g} x {floor:.3e}; relative bound {rel_tol:.3e})"
+  return row
 
 
-def sort_points(p: np.ndarray) -> np.ndarray:
-  """Each row's points [..., P, 2] sorted by (x, y): compares selections as sets."""
-  order = np.lexsort((p[..., 1], p[..., 0]), axis=-1)
-  return np.take_along_axis(p, order[..., None], axis=-2)
+def _point_keys(p: np.ndarray) -> np.ndarray:
+  """Points [..., P, 2] float32 -> one int64 per point (the exact bit pattern of the (x, y) pair)."""
+  return np.ascontiguousarray(p, np.float32).view(np.int64)[..., 0]
+
+
+def common_points(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+  """Per row of [..., P, 2]: the fraction of the reference's points that `got` also holds (multiset
+  intersection of exact coordinates; order is ignored, so one swapped point costs 1/P, not a shift)."""
+  g, r = _point_keys(got), _point_keys(ref)
+  g, r = g.reshape(-1, g.shape[-1]), r.reshape(-1, r.shape[-1])
+  out = np.empty(len(r))
+  for i, (a, b) in enumerate(zip(g, r)):
+    va, ca = np.unique(a, return_counts=True)
+    vb, cb = np.unique(b, return_counts=True)
+    _, ia, ib = np.intersect1d(va, vb, assume_unique=True, return_indices=True)
+    out[i] = np.minimum(ca[ia], cb[ib]).sum() / max(len(b), 1)
+  return out.reshape(ref.shape[:-2])
 
 
 def selected_points_rows(case: Case, runner: Runner) -> List[Dict[str, Any]]:
@@ -394,8 +459,9 @@ def selected_points_rows(case: Case, runner: Runner) -> List[Dict[str, Any]]:
 
   The selection is a top-k of -|logit| over the oversampled points, in descending order: float noise in
   the logits reorders near-ties (harmless: only the summation order changes) and can swap a near-tie at
-  the k-th place (one point for another). So each row is compared as a set (sorted points), and like
-  argmax maps >= 99.9% of the points must agree; the note also gives the fraction identical in place.
+  the k-th place (one point for another). So each row is compared as a set: >= 99.9% of the recorded points
+  of every row must be among ours (`common_points`); the note gives the worst row, the mean over rows and
+  the fraction identical in place. The losses and gradients themselves are taken at the recorded points.
   """
   rows = []
   for name in sorted(case.inputs):
@@ -413,9 +479,11 @@ def selected_points_rows(case: Case, runner: Runner) -> List[Dict[str, Any]]:
       rows.append({**row, "ok": False, "err": None, "tol": None, "note": f"shape {got.shape}"})
       continue
     in_place = float(np.mean(np.all(got == ref, axis=-1))) if ref.size else 1.0
-    agree = float(np.mean(np.all(sort_points(got) == sort_points(ref), axis=-1))) if ref.size else 1.0
-    rows.append({**row, "ok": agree >= ARGMAX_AGREEMENT, "err": 1.0 - agree, "tol": 1.0 - ARGMAX_AGREEMENT,
-                 "note": f"same point sets {agree:.6f}, same order {in_place:.6f}"})
+    common = common_points(got, ref) if ref.size else np.ones(1)
+    worst = float(common.min())
+    rows.append({**row, "ok": worst >= ARGMAX_AGREEMENT, "err": 1.0 - worst, "tol": 1.0 - ARGMAX_AGREEMENT,
+                 "note": f"points in common: worst row {worst:.6f}, mean {float(common.mean()):.6f}; "
+                         f"same order {in_place:.6f}"})
   return rows
 
 
@@ -444,11 +512,7 @@ def check(case_dir: str, dtype: str = "float32", out=sys.stdout) -> Tuple[List[D
     except KeyError as e:
       rows.append({**compare(name, ref, None), "note": f"unknown array ({e})"})
       continue
-    if dtype != "float32" and "argmax" not in name:
-      r = compare(name, ref, got)
-      rows.append(r)
-    else:
-      rows.append(compare(name, ref, got))
+    rows.append(compare(name, ref, got, case.floor(name)))
   extra += selected_points_rows(case, runner)
   for r in extra + rows:
     err = "-" if r["err"] is None else f"{r['err']:.3e}"
@@ -469,7 +533,11 @@ def main(argv=None) -> int:
                   help="compute dtype (parameters stay float32); bfloat16 is for measuring, not passing")
   ap.add_argument("--json", default=None, help="write the rows as JSON here")
   args = ap.parse_args(argv)
-  rows, ok = check(args.case_dir, args.dtype)
+  try:
+    rows, ok = check(args.case_dir, args.dtype)
+  except CaseError as e:
+    print(f"check_parity: {e}", file=sys.stderr)
+    return 2
   if args.json:
     Path(args.json).write_text(json.dumps(rows, indent=1))
   return 0 if ok else 1

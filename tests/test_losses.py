@@ -121,7 +121,7 @@ def test_importance_sampling_matches_torch(num_points, oversample, importance):
   assert got.shape == ref.shape == (5, num_points, 2)
   np.testing.assert_array_equal(got[:, n_u:], rand)  # uniform points appended as drawn
   # Same selected sets; the descending order agrees except where float rounding reorders a near-tie.
-  np.testing.assert_array_equal(check_parity.sort_points(got[:, :n_u]), check_parity.sort_points(ref[:, :n_u]))
+  np.testing.assert_array_equal(check_parity.common_points(got[:, :n_u], ref[:, :n_u]), 1.0)
   assert np.mean(np.all(got == ref, -1)) > 0.99
   # with a key instead of draws: right shape, in [0, 1), deterministic
   key_fn = jax.jit(lambda l, k: sampling.uncertain_point_coords_with_randomness(
@@ -229,6 +229,57 @@ def test_criterion_matches_golden_case():
       np.testing.assert_array_equal(match["tgt_idx"][b][match["valid"][b]], out[f"match_{tag}_img{b}_tgt_idx"])
     # fed the official logits, the importance sampler picks the recorded points, in the recorded order
     np.testing.assert_array_equal(np.asarray(aux["point_coords"][s])[slots], inp[f"points_criterion_{tag}"])
+
+
+def torch_mask_losses_at(src: np.ndarray, tgt: np.ndarray, points: np.ndarray, num_masks: float):
+  """Mask2Former's loss_masks (sigmoid BCE mean over points, dice with +1 smoothing), summed over the
+  matched masks and divided by num_masks, at given points: torch, from the formulas."""
+  logits = torch_point_sample(src, points)
+  labels = torch_point_sample(tgt.astype(np.float32), points)
+  bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1).sum() / num_masks
+  p = logits.sigmoid()
+  dice = (1 - (2 * (p * labels).sum(-1) + 1) / (p.sum(-1) + labels.sum(-1) + 1)).sum() / num_masks
+  return float(bce), float(dice)
+
+
+def test_criterion_takes_the_mask_losses_at_given_points():
+  """draws["points"] (a recorded selection, as the parity checker replays it) replaces the selection in
+  the mask losses, while aux["point_coords"] still reports the selection made from the draws. Reference:
+  torch's grid_sample + BCE + dice at the given points, on the golden case's matched masks."""
+  meta, inp, out, outputs, targets, draws, tags, slots, cfg = golden()
+  recorded = np.stack([check_parity.scatter_slots(inp[f"points_criterion_{t}"], slots, t) for t in tags])
+  same, _ = run_criterion(outputs, targets, cfg, {**draws, "points": recorded})
+  for name, ref in meta["losses"].items():  # the recorded points are the official selection itself
+    assert abs(float(same[name]) - ref) <= 1e-5 * abs(ref), name
+  # Swap points for others: a third of every row's importance-sampled points for oversampled ones it did
+  # not pick, so the selection and the given points really differ.
+  moved = recorded.copy()
+  n_imp = cfg.draw_counts()[1]
+  moved[..., : n_imp // 3, :] = draws["oversample"][..., -(n_imp // 3):, :]
+  got, aux = run_criterion(outputs, targets, cfg, {**draws, "points": moved})
+  s = len(tags) - 1  # the final output: losses unsuffixed
+  match = jax.tree_util.tree_map(np.asarray, aux["matches"][s])
+  src = np.stack([outputs["mask_preds"][b, s, match["pred_idx"][b, k]] for b, k in zip(*np.nonzero(slots))])
+  tgt = np.stack([targets["masks"][b, match["tgt_idx"][b, k]] for b, k in zip(*np.nonzero(slots))])
+  bce, dice = torch_mask_losses_at(src, tgt, moved[s][slots], float(aux["num_masks"]))
+  assert float(got["loss_mask"]) == pytest.approx(cfg.mask_weight * bce, rel=1e-5)
+  assert float(got["loss_dice"]) == pytest.approx(cfg.dice_weight * dice, rel=1e-5)
+  assert abs(float(got["loss_mask"]) - meta["losses"]["loss_mask"]) > 1e-3  # the points did matter
+  np.testing.assert_array_equal(np.asarray(aux["point_coords"][s])[slots], inp[f"points_criterion_{tags[s]}"])
+  with pytest.raises(ValueError, match="points"):
+    run_criterion(outputs, targets, cfg, {**draws, "points": moved[:, :, :, :10]})
+
+
+def test_common_points_counts_a_swapped_point_once():
+  """One point of a row replaced (a near-tie swapped at the k-th place) costs 1/P of that row, wherever it
+  sits; order does not matter. Reference: Python sets of coordinate pairs."""
+  rng = np.random.default_rng(3)
+  ref = rng.random((3, 1024, 2)).astype(np.float32)
+  got = ref[:, rng.permutation(1024)].copy()
+  got[1, 17] = np.float32([0.123, 0.456])  # not among the reference's points
+  want = [len({tuple(p) for p in g} & {tuple(p) for p in r}) / 1024 for g, r in zip(got.tolist(), ref.tolist())]
+  np.testing.assert_allclose(check_parity.common_points(got, ref), want)
+  assert want == [1.0, 1023 / 1024, 1.0]
 
 
 def test_criterion_ignores_extra_target_padding():

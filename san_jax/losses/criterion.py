@@ -129,19 +129,24 @@ def dice(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def loss_masks(pred_masks: jax.Array, target_masks: jax.Array, match: Mapping[str, jax.Array],
-               num_masks: jax.Array, oversample: jax.Array, random: jax.Array, cfg: CriterionConfig
-               ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-  """(loss_mask, loss_dice, point coords [B, K, P, 2]) on importance-sampled points of the matched masks.
+               num_masks: jax.Array, oversample: jax.Array, random: jax.Array, cfg: CriterionConfig,
+               points: Optional[jax.Array] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """(loss_mask, loss_dice, selected point coords [B, K, P, 2]) on importance-sampled points of the matches.
 
   pred_masks [B, Q, h, w] logits; target_masks [B, T, H, W] (0/1, padded image size); draws per slot.
+  `points` [B, K, P, 2], when given, are the points the losses are taken at instead of the selection (a
+  recorded selection replayed: the top-k is discontinuous, so float noise can swap a near-tie at the k-th
+  place and move the losses' gradients far more than the noise itself); the selection from the draws is
+  still computed and returned, so it can be compared with the recorded one.
   """
   src = jnp.take_along_axis(pred_masks.astype(jnp.float32), match["pred_idx"][:, :, None, None], axis=1)
   tgt = jnp.take_along_axis(target_masks, match["tgt_idx"][:, :, None, None], axis=1)
   coords = sampling.uncertain_points(
       src, sampling.calculate_uncertainty, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio,
       oversample_coords=oversample, random_coords=random)  # [B, K, P, 2]
-  point_labels = jax.lax.stop_gradient(sampling.sample_points(tgt, coords))  # [B, K, P]
-  point_logits = sampling.sample_points(src, coords)
+  used = coords if points is None else jax.lax.stop_gradient(points.astype(coords.dtype))
+  point_labels = jax.lax.stop_gradient(sampling.sample_points(tgt, used))  # [B, K, P]
+  point_logits = sampling.sample_points(src, used)
   valid = match["valid"]
   bce = jnp.where(valid, sigmoid_ce(point_logits, point_labels).mean(-1), 0.0).sum() / num_masks
   dsc = jnp.where(valid, dice(point_logits, point_labels), 0.0).sum() / num_masks
@@ -166,9 +171,12 @@ def set_criterion(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Ar
 
   outputs: {"mask_logits": [B, N, Q, C+1], "mask_preds": [B, N, Q, h, w]} (SAN's training outputs).
   targets: {"labels": [B, T] int, "masks": [B, T, H, W] 0/1, "valid": [B, T] bool} (`pad_targets`).
-  Randomness: `rng`, or `draws` shaped as `draw_shapes(cfg, N, B, min(Q, T))`.
+  Randomness: `rng`, or `draws` shaped as `draw_shapes(cfg, N, B, min(Q, T))`; `draws` may also hold
+  "points" [N, B, K, P, 2], a recorded importance-sampled selection the mask losses are taken at (see
+  `loss_masks`; the parity checker replays the official code's selection this way).
   Returns (losses {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", ...}, aux {"matches": per output
-  {cost, pred_idx, tgt_idx, valid}, "point_coords": per output [B, K, P, 2], "num_masks"}).
+  {cost, pred_idx, tgt_idx, valid}, "point_coords": per output [B, K, P, 2] (the selection made from the
+  draws), "num_masks"}).
   """
   logits, masks = outputs["mask_logits"], outputs["mask_preds"]
   b, n, q = masks.shape[:3]
@@ -177,21 +185,27 @@ def set_criterion(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Ar
     raise ValueError("set_criterion needs exactly one of rng and draws")
   if draws is None:
     draws = sample_draws(rng, cfg, n, b, k)
-  for name, shape in draw_shapes(cfg, n, b, k).items():
+  shapes = draw_shapes(cfg, n, b, k)
+  if "points" in draws:
+    shapes["points"] = (n, b, k, cfg.num_points, 2)
+  unknown = sorted(set(draws) - set(shapes))
+  if unknown:
+    raise ValueError(f"draws has unknown entries {unknown}; expected {sorted(shapes)}")
+  for name, shape in shapes.items():
     if tuple(draws[name].shape) != shape:
       raise ValueError(f"draws[{name!r}] has shape {tuple(draws[name].shape)}, expected {shape}")
   num_masks = num_target_masks(targets["valid"])
 
-  def one_output(logits_i, masks_i, matcher_pts, oversample, random):
+  def one_output(logits_i, masks_i, matcher_pts, oversample, random, points=None):
     match = matcher_lib.hungarian_match(logits_i, masks_i, targets["labels"], targets["masks"],
                                         targets["valid"], matcher_pts, cfg.costs)
     ce = loss_labels(logits_i, targets["labels"], match, cfg.num_classes, cfg.eos_coef)
-    bce, dsc, coords = loss_masks(masks_i, targets["masks"], match, num_masks, oversample, random, cfg)
+    bce, dsc, coords = loss_masks(masks_i, targets["masks"], match, num_masks, oversample, random, cfg, points)
     return {"loss_ce": ce, "loss_mask": bce, "loss_dice": dsc}, match, coords
 
   # One traced copy for all deep-supervision outputs (vmapped over them), not one per output.
-  terms, matches, coords = jax.vmap(one_output, in_axes=(1, 1, 0, 0, 0))(
-      logits, masks, draws["matcher"], draws["oversample"], draws["random"])
+  per_output = [draws["matcher"], draws["oversample"], draws["random"]] + ([draws["points"]] if "points" in draws else [])
+  terms, matches, coords = jax.vmap(one_output, in_axes=(1, 1) + (0,) * len(per_output))(logits, masks, *per_output)
   weights = {"loss_ce": cfg.class_weight, "loss_mask": cfg.mask_weight, "loss_dice": cfg.dice_weight}
   losses = {name + output_suffix(i, n): weights[name] * terms[name][i] for i in range(n) for name in weights}
   aux = {"matches": [jax.tree_util.tree_map(lambda a: a[i], matches) for i in range(n)],
