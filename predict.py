@@ -160,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   cfg = load_config(args.config) if args.config else None
   min_size = args.min_size if args.min_size is not None else int(cfg.data.get("eval_min_size", 640)) if cfg else 640
   max_size = args.max_size if args.max_size is not None else int(cfg.data.get("eval_max_size", 2560)) if cfg else 2560
-  tta = inference.TTAConfig.from_scales((0.5, 0.75, 1.0, 1.25, 1.5, 1.75), min_size or 640, max_size) if args.tta else None
+  tta = inference.TTAConfig.from_scales(inference.SAN_TTA_SCALES, min_size or 640, max_size) if args.tta else None
   sliding = inference.SlidingWindow(args.window, args.stride) if args.sliding_window else None
 
   print(f"vocabulary: {len(names)} classes ({num_user} given" +

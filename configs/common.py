@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import ml_collections
 
+from san_jax.data.augment import MIN_SIZE_TRAIN
+from san_jax.evaluation.inference import SAN_TTA_SCALES
+
 # Parameters SAN trains; everything else (CLIP image and text towers) is frozen. Regexes over
 # dotted parameter paths (e.g. "side_adapter_network.vit_model.blocks.0.attn.qkv.kernel").
 TRAINABLE_PATTERNS = (r"^side_adapter_network\.", r"^ov_classifier\.bg_embed$", r"^clip_visual\.positional_embedding$")
 # The official optimizer gives these no weight decay (SOLVER.WEIGHT_DECAY_EMBED_GROUP, plus LayerNorms).
 NO_DECAY_PATTERNS = (r"pos_embed", r"positional_embedding", r"query_embed", r"(^|\.)norm\d*\.", r"(^|\.)ln_",
                      r"input_proj\.0\.")
-# detectron2 ResizeShortestEdge MIN_SIZE_TRAIN of the SAN COCO configs: 320, 384, ..., 960 (DESIGN §1).
-MIN_SIZE_TRAIN = tuple(int(x * 0.1 * 640) for x in range(5, 16))
 
 
 def model_b16() -> ml_collections.ConfigDict:
@@ -64,7 +65,7 @@ def data(dataset: str = "coco_stuff_171") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       train=dataset, train_split="train", data_dir="", crop_size=640,
       min_size_train=list(MIN_SIZE_TRAIN), max_size_train=2560, single_category_max_area=1.0,
-      color_aug_ssd=True, flip=True, ignore_label=255, shuffle_buffer=1000, prefetch=2, num_workers=0,
+      color_aug_ssd=True, flip=True, ignore_label=255, prefetch=2, num_workers=0,
       eval_datasets=["coco_stuff_171"], eval_min_size=640, eval_max_size=2560,
   ))
 
@@ -80,7 +81,7 @@ def mesh() -> ml_collections.ConfigDict:
 
 def evaluation() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      evaluators=["sem_seg"], tta=False, tta_scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75], tta_flip=True,
+      evaluators=["sem_seg"], tta=False, tta_scales=list(SAN_TTA_SCALES), tta_flip=True,
       sliding_window=False, window=640, stride=426, batch_size=1,
       max_examples=None,  # evaluate only the first N examples of each set (quick periodic checks)
   ))

@@ -326,10 +326,6 @@ def hf_table(cfg: CLIPConfig) -> List[Entry]:
 
 
 # ---- the non-parameter entries --------------------------------------------------------------------------
-def _causal_mask(n: int) -> np.ndarray:
-  return np.triu(np.full((n, n), -np.inf, np.float32), 1)
-
-
 def _check_openai_metadata(sd: Mapping[str, np.ndarray], cfg: CLIPConfig) -> List[str]:
   """Checks the known non-parameter keys of OpenAI/TorchScript state dicts; returns those present."""
   expected = {"input_resolution": cfg.vision.image_size, "context_length": cfg.text.context_length,
@@ -343,7 +339,7 @@ def _check_openai_metadata(sd: Mapping[str, np.ndarray], cfg: CLIPConfig) -> Lis
         wrong.append(f"{key}={got.tolist()} but the weights imply {want}")
   if "attn_mask" in sd:
     present.append("attn_mask")
-    if not np.array_equal(np.asarray(sd["attn_mask"], np.float32), _causal_mask(cfg.text.context_length)):
+    if not np.array_equal(np.asarray(sd["attn_mask"], np.float32), clip_lib.causal_mask(cfg.text.context_length)):
       wrong.append(f"attn_mask is not the causal mask of context length {cfg.text.context_length}")
   if wrong:
     raise ConversionError("open_clip checkpoint metadata disagrees with its weights: " + "; ".join(wrong))

@@ -1,6 +1,6 @@
 """Official SAN checkpoints (`{"model": state_dict}`, PyTorch) <-> san-jax parameters (orbax).
 
-    python -m convert.san_checkpoint san_vit_b_16.pth OUT_DIR [--config san_vit_b16] [--set KEY=VALUE ...]
+    python -m convert.san_checkpoint san_vit_b_16.pth OUT_DIR [--config san_vit_b16]
     python -m convert.san_checkpoint OUT_DIR back.pth --to-torch
 
 The geometry is inferred from the state dict where the keys determine it (widths, depths, patch sizes,

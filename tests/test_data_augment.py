@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from san_jax.data import augment as A
+from san_jax.ops import resize
 
 
 class ScriptedRng:
@@ -170,7 +171,7 @@ def test_pad_to():
   assert (pl[:2, :3] == 0).all() and (pl[2:] == 255).all() and (pl[:, 3:] == 255).all()
   with pytest.raises(ValueError):
     A.pad_to(img, lab, (1, 5))
-  assert A.divisible_size((640, 853), 32) == (640, 864)
+  assert resize.padded_size((640, 853), 32) == (640, 864)
 
 
 def test_semantic_to_targets():

@@ -30,6 +30,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from san_jax.ops import resize
+
 # detectron2 ResizeShortestEdge MIN_SIZE_TRAIN of SAN's configs: [int(x * 0.1 * 640) for x in range(5, 16)].
 MIN_SIZE_TRAIN: Tuple[int, ...] = tuple(int(x * 0.1 * 640) for x in range(5, 16))
 
@@ -99,19 +101,12 @@ def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-  """torch `F.interpolate(mode="nearest")` source indices: floor(dst * (in/out)) in float32."""
-  scale = np.float32(np.float32(in_size) / np.float32(out_size))
-  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
-  return np.minimum(src, in_size - 1)
-
-
 def resize_label(label: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
   """[H, W] label map -> [h, w], nearest as torch computes it (detectron2 resizes labels with torch)."""
   h, w = size
   if label.shape[:2] == (h, w):
     return label
-  return label[nearest_indices(label.shape[0], h)[:, None], nearest_indices(label.shape[1], w)[None, :]]
+  return label[resize.nearest_indices(label.shape[0], h)[:, None], resize.nearest_indices(label.shape[1], w)[None, :]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,13 +302,6 @@ def pad_label(label: np.ndarray, size: Tuple[int, int], ignore_label: int = 255)
   return out
 
 
-def divisible_size(shape: Tuple[int, int], divisibility: int) -> Tuple[int, int]:
-  """The smallest (H, W) >= shape that are multiples of `divisibility` (as ImageList.from_tensors)."""
-  if divisibility <= 1:
-    return tuple(shape)
-  return tuple(-(-s // divisibility) * divisibility for s in shape)
-
-
 def semantic_to_targets(label: np.ndarray, max_targets: int, *, ignore_label: int = 255,
                         with_masks: bool = True) -> Dict[str, np.ndarray]:
   """One binary mask per class present in `label`, padded to `max_targets` rows.
@@ -387,7 +375,7 @@ def eval_transform(image: np.ndarray, label: np.ndarray,
   h, w = image.shape[:2]
   size = shortest_edge_shape(h, w, cfg.min_size_test, cfg.max_size_test)
   resized = resize_image(image, size)
-  canvas = tuple(cfg.image_canvas) if cfg.image_canvas else divisible_size(size, cfg.size_divisibility)
+  canvas = tuple(cfg.image_canvas) if cfg.image_canvas else resize.padded_size(size, cfg.size_divisibility)
   padded, _ = pad_to(resized, None, canvas, image_value=cfg.image_pad_value)
   lab = label.astype(np.int32)
   if cfg.label_canvas:

@@ -56,11 +56,16 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ---- options ----------------------------------------------------------------------------------------------
+# SAN's test-time augmentation: short sides 640 x these scales (TEST.AUG.MIN_SIZES 320 .. 1120), long side
+# <= 2560 x the largest (TEST.AUG.MAX_SIZE 4480), plus flips.
+SAN_TTA_SCALES: Tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
 @dataclasses.dataclass(frozen=True)
 class TTAConfig:
   """detectron2 TEST.AUG: MIN_SIZES, MAX_SIZE, FLIP."""
-  min_sizes: Tuple[int, ...] = (320, 480, 640, 800, 960, 1120)
-  max_size: int = 4480
+  min_sizes: Tuple[int, ...] = tuple(int(640 * s) for s in SAN_TTA_SCALES)
+  max_size: int = int(round(2560 * max(SAN_TTA_SCALES)))
   flip: bool = True
 
   @classmethod
@@ -85,12 +90,7 @@ class SlidingWindow:
 
 
 # ---- host-side geometry -----------------------------------------------------------------------------------
-def round_up(x: int, multiple: int) -> int:
-  return -(-int(x) // multiple) * multiple if multiple > 1 else int(x)
-
-
-def canvas_for(hw: Sequence[int], multiple: int) -> Tuple[int, int]:
-  return round_up(hw[0], multiple), round_up(hw[1], multiple)
+round_up, canvas_for = resize.round_up, resize.padded_size
 
 
 def crop_resize_matrix(in_size: int, out_size: int, in_canvas: int, out_canvas: int,

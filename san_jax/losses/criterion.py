@@ -116,7 +116,11 @@ def loss_labels(pred_logits: jax.Array, labels: jax.Array, match: Mapping[str, j
 
 
 def sigmoid_ce(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """torch's binary_cross_entropy_with_logits, elementwise: (1 - t) * x - log_sigmoid(x)."""
+  """torch's binary_cross_entropy_with_logits, elementwise: (1 - t) * x - log_sigmoid(x).
+
+  Not optax.sigmoid_binary_cross_entropy: it evaluates -t log σ(x) - (1 - t) log σ(-x), equal in exact
+  arithmetic but rounded differently from the formula torch uses, which the golden gradients were taken with.
+  """
   return (1.0 - targets) * logits - jax.nn.log_sigmoid(logits)
 
 

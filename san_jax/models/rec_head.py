@@ -42,8 +42,7 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: Tuple[int, int]) -> jax.Array
 
   def pool_matrix(n_in, n_out):
     m = np.zeros((n_out, n_in), np.float32)
-    for i in range(n_out):
-      lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+    for i, (lo, hi) in enumerate(resize.adaptive_windows(n_in, n_out)):
       m[i, lo:hi] = 1.0 / (hi - lo)
     return m
 

@@ -182,11 +182,6 @@ class SAN(nnx.Module):
 
 
 # ---- pre- and post-processing ------------------------------------------------------------------------
-def padded_size(hw: Tuple[int, int], divisibility: int) -> Tuple[int, int]:
-  if divisibility <= 1:
-    return tuple(hw)
-  return tuple(-(-s // divisibility) * divisibility for s in hw)
-
 
 def preprocess(images: Sequence[np.ndarray], cfg: SANConfig,
                pad_to: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, List[Tuple[int, int]]]:
@@ -201,7 +196,7 @@ def preprocess(images: Sequence[np.ndarray], cfg: SANConfig,
                        "(convert grayscale or RGBA images to RGB first, e.g. san_jax.data.image_io.to_rgb)")
     sizes.append(img.shape[:2])
   hmax, wmax = max(s[0] for s in sizes), max(s[1] for s in sizes)
-  target = padded_size((hmax, wmax), cfg.size_divisibility) if pad_to is None else tuple(pad_to)
+  target = resize.padded_size((hmax, wmax), cfg.size_divisibility) if pad_to is None else tuple(pad_to)
   if target[0] < hmax or target[1] < wmax:
     raise ValueError(f"pad_to={target} is smaller than the largest image {(hmax, wmax)}")
   mean = np.asarray(cfg.pixel_mean, np.float32)

@@ -22,6 +22,24 @@ import numpy as np
 _CUBIC_A = -0.75  # torch's bicubic coefficient
 
 
+# ---- sizes -------------------------------------------------------------------------------------------------
+def round_up(x: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` >= x (x itself when multiple <= 1)."""
+  return -(-int(x) // multiple) * multiple if multiple > 1 else int(x)
+
+
+def padded_size(hw: Sequence[int], divisibility: int) -> Tuple[int, int]:
+  """(H, W) rounded up to multiples of `divisibility`: detectron2's ImageList.from_tensors padding."""
+  return round_up(hw[0], divisibility), round_up(hw[1], divisibility)
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """torch `F.interpolate(mode="nearest")` source indices: floor(dst * (in/out)) in float32."""
+  scale = np.float32(np.float32(in_size) / np.float32(out_size))
+  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, in_size - 1)
+
+
 def _source_scale(in_size: int, out_size: int, scale_factor: Optional[float]) -> np.float32:
   """torch's `area_pixel_compute_scale` for align_corners=False, in float32."""
   if scale_factor is not None and scale_factor > 0:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from san_jax.ops import resize
 from san_jax.text import templates as templates_lib
 from san_jax.text import tokenizer as tokenizer_lib
 
@@ -92,7 +93,7 @@ class ClassEmbeddingCache:
     if names not in self._cache:
       tokens = self.tokens(names)
       c = len(names)
-      padded = -(-c // self.chunk) * self.chunk
+      padded = resize.round_up(c, self.chunk)
       if padded > c:  # pad with copies of the first class: cheap, and sliced away below
         tokens = np.concatenate([tokens, np.repeat(tokens[:, :1], padded - c, axis=1)], axis=1)
       parts = [self._embed(jnp.asarray(tokens[:, i:i + self.chunk])) for i in range(0, padded, self.chunk)]
