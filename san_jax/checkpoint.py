@@ -217,7 +217,10 @@ class TrainCheckpoints:
     step, self._pending = self._pending, None
     self._save_failed = True
     path = os.path.join(self.directory, str(step))
-    # orbax writes into STEP.orbax-checkpoint-tmp and renames it on commit: what is left is only ours
+    # orbax writes into STEP.orbax-checkpoint-tmp and renames it on commit: what is left is only ours. The
+    # writers of the other items may still be running in orbax's threads after the first one failed (orbax
+    # waits for the first failure only): they are joined first, so that nothing writes there any more.
+    _join_orbax_threads(timeout_s=60.0)
     shutil.rmtree(path + TMP_SUFFIX, ignore_errors=True)
     kept = sorted(int(d) for d in os.listdir(self.directory) if d.isdigit()) if os.path.isdir(self.directory) else []
     raise CheckpointSaveError(f"could not save checkpoint step {step} to {path}: {_os_error_of(err)}; "
@@ -297,6 +300,16 @@ class TrainCheckpoints:
     except Exception:
       if not self._save_failed:  # a failed save was already reported as CheckpointSaveError
         raise
+
+
+def _join_orbax_threads(timeout_s: float) -> None:
+  """Waits (at most `timeout_s` in all) for orbax's background save threads other than this one."""
+  import threading
+
+  deadline = time.monotonic() + timeout_s
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
+      thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _abstract_leaf(x):

@@ -97,8 +97,7 @@ def test_another_config_or_unreadable_checkpoints_stop_the_run_and_nothing_is_lo
   assert again.returncode == 1, again.stderr[-3000:]
   assert "could read none" in again.stderr
   assert "step 4: " in again.stderr and "step 2: " in again.stderr  # each step, and why
-  assert again.stderr.rstrip().splitlines()[-1].startswith("Nothing was changed.")  # our message ends the run
-  assert "train.py: found checkpoints in" in again.stderr
+  assert "train.py: found checkpoints in" in again.stderr and "\nNothing was changed." in again.stderr
   assert _snapshot(w) == damaged, "a run that could read no checkpoint changed the workdir"
 
 
@@ -144,6 +143,19 @@ def test_no_readable_checkpoint_is_an_error_naming_each_step(tmp_path):
     loop._restore_own(ck, {"v": jnp.zeros(3), "step": jnp.int32(0)}, tmp_path, fresh=False, is_main=True)
   assert _snapshot(tmp_path) == before
   ck.close()
+
+
+def test_resume_from_that_cannot_be_read_is_an_error_not_a_fresh_start(tmp_path):
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(workdir_lib.WorkdirError, match="resume_from=.*empty: holds no checkpoint steps"):
+    loop._restore_other(str(tmp_path / "empty"), _small_state())
+  ck = checkpoint.TrainCheckpoints(tmp_path / "other", keep=3)
+  ck.save(5, _small_state(5), {"pos": 5})
+  ck.close()
+  with pytest.raises(workdir_lib.WorkdirError, match=r"no step could be read:\n  step 5: "):
+    loop._restore_other(str(tmp_path / "other"), {"v": jnp.zeros(3)})
+  state, data = loop._restore_other(str(tmp_path / "other"), _small_state())
+  assert data == {"pos": 5} and sorted(os.listdir(tmp_path / "other")) == ["5"]
 
 
 def test_a_transient_read_error_is_retried_not_a_fallback(tmp_path, monkeypatch):

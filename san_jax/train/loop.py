@@ -163,7 +163,11 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
   workdir.mkdir(parents=True, exist_ok=True)
   lock = workdir_lib.WorkdirLock(workdir, enabled=is_main).acquire()
   atexit.register(lock.release)  # also when setup below fails; the finally of the loop releases it too
-  _check_workdir_run(workdir, run_config, bool(t.get("fresh", False)), is_main)
+  try:
+    _check_workdir_run(workdir, run_config, bool(t.get("fresh", False)), is_main)
+  except workdir_lib.WorkdirError:
+    lock.release()
+    raise
   if is_main:
     (workdir / "config.json").write_text(json.dumps(run_config, indent=1))
 
@@ -175,9 +179,14 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
 
   pipe = make_pipeline(source, cfg, jax.process_index(), jax.process_count())
   ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", keep=t.keep_checkpoints)
-  restored = _restore_own(ckpts, state, workdir, bool(t.get("fresh", False)), is_main)
-  if restored is None and t.get("resume_from"):
-    restored = checkpoint.TrainCheckpoints(t.resume_from, keep=t.keep_checkpoints).restore_latest(state)
+  try:
+    restored = _restore_own(ckpts, state, workdir, bool(t.get("fresh", False)), is_main)
+    if restored is None and t.get("resume_from"):
+      restored = _restore_other(t.resume_from, state)
+  except workdir_lib.WorkdirError:
+    ckpts.close()
+    lock.release()
+    raise
   if restored is not None:
     state, data_state = restored
     pipe.set_state(data_state)
@@ -309,6 +318,23 @@ def _restore_own(ckpts: checkpoint.TrainCheckpoints, state, workdir: Path, fresh
     workdir_lib.set_aside(workdir, paths, f"{what}; unreadable checkpoint steps {sorted(failures)}")
   _sync("san_jax_unreadable_set_aside")
   ckpts.reload()
+  return restored
+
+
+def _restore_other(directory: str, state):
+  """train.resume_from: another run's newest readable step; asked for explicitly, so finding none is an
+  error naming each step and why (its files are only read)."""
+  other = checkpoint.TrainCheckpoints(directory, keep=10**6)  # never saved to: retention cannot act
+  try:
+    restored, step, failures = other.restore_newest(state)
+  finally:
+    other.close()
+  if restored is None:
+    listing = "".join(f"\n  step {s}: {why}" for s, why in sorted(failures.items(), reverse=True))
+    raise workdir_lib.WorkdirError(f"train.resume_from={directory}: " + (
+        f"no step could be read:{listing}" if failures else "holds no checkpoint steps"))
+  log.info("train.resume_from: step %d of %s%s", step, directory,
+           f" (newer unreadable steps: {sorted(failures)})" if failures else "")
   return restored
 
 
