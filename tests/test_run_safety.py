@@ -422,28 +422,36 @@ def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_then_exits_143_and_the_resumed_run_has_one_row_per_step(tmp_path):
+  """The probe: a SIGTERM exit returned 0, and after a resume metrics.jsonl had the steps between the
+  checkpoint and the kill twice. Also the probe's "same command twice at once": the second is refused
+  while the first holds the lock."""
   w = tmp_path / "w"
-  steps = 8
-  proc = _train(w, f"--config.train.steps={steps}", "--config.train.checkpoint_every=100", wait=False)
+  args = ("--config.train.steps=500", "--config.train.checkpoint_every=1000")
+  proc = _train(w, *args, wait=False)
   deadline = time.time() + 600
   while time.time() < deadline:
     if (w / "metrics.jsonl").exists() and len(_rows(w)) >= 2:
       break
     time.sleep(0.2)
+  second = _train(w, *args)
+  assert second.returncode == 1, second.stderr[-3000:]
+  assert "is locked by another run" in second.stderr and f"pid {proc.pid}" in second.stderr
   proc.send_signal(signal.SIGTERM)
   output, _ = proc.communicate(timeout=600)
   assert proc.returncode == loop.PREEMPTED_EXIT_STATUS == 143, output[-3000:]
   assert "starting from scratch (step 0): no checkpoint in" in output
   saved = [int(s) for s in os.listdir(w / "checkpoints") if s.isdigit()]
-  assert len(saved) == 1 and saved[0] < steps, saved
+  assert len(saved) == 1 and 2 <= saved[0] < 500, saved
   assert f"SIGTERM: saved step {saved[0]}" in output
   assert not (w / "lock").exists()
+  assert [r["step"] for r in _rows(w)] == list(range(1, saved[0] + 1))  # the second run wrote nothing
   # what a kill -9 after a log line and before the next checkpoint leaves: rows past the saved step
   with open(w / "metrics.jsonl", "a") as f:
     f.write(json.dumps({"step": saved[0] + 1, "loss": -1.0}) + "\n")
-  resumed = _train(w, f"--config.train.steps={steps}", "--config.train.checkpoint_every=100")
+  end = saved[0] + 3
+  resumed = _train(w, f"--config.train.steps={end}", "--config.train.checkpoint_every=1000")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"resumed from step {saved[0]}" in resumed.stderr
   steps_logged = [r["step"] for r in _rows(w)]
-  assert steps_logged == list(range(1, steps + 1)), steps_logged
+  assert steps_logged == list(range(1, end + 1)), steps_logged
   assert all(r["loss"] != -1.0 for r in _rows(w))
