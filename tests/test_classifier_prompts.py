@@ -51,3 +51,9 @@ def test_an_over_long_name_is_warned_once_by_name_and_short_names_are_not(cache,
   assert repr(long_a) in warned[0] + warned[1] and repr(long_b) in warned[0] + warned[1]
   assert all("the text tower reads 77" in w for w in warned)
   assert not any("'grass'" in w or "'sky'" in w for w in warned)
+
+
+def test_the_check_runs_without_a_model():
+  with pytest.raises(classifier.VocabularyError, match="identical after tokenisation"):
+    classifier.check_vocabulary_prompts([PREFIX + " cat", PREFIX + " dog"])
+  assert classifier.check_vocabulary_prompts([" cat", "dog"]) == ("cat", "dog")

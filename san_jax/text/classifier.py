@@ -84,6 +84,21 @@ def validate_vocabulary(vocabulary: Sequence[str]) -> Tuple[str, ...]:
   return tuple(names)
 
 
+def prompt_tokens(names: Sequence[str], templates: Sequence[str], context_length: int = 77) -> np.ndarray:
+  """[T, C, L] token ids: every template filled with every class name."""
+  return np.stack([tokenizer_lib.tokenize([t.format(n) for n in names], context_length) for t in templates])
+
+
+def check_vocabulary_prompts(vocabulary: Sequence[str], template_set: str = "vild",
+                             context_length: int = 77) -> Tuple[str, ...]:
+  """`validate_vocabulary` plus the token-level checks of `check_prompt_tokens`, without a model: for
+  entry points that want to refuse a vocabulary before loading anything. Returns the stripped names."""
+  names = validate_vocabulary(vocabulary)
+  templates = templates_lib.get_templates(template_set)
+  check_prompt_tokens(names, prompt_tokens(names, templates, context_length), templates)
+  return names
+
+
 def parse_vocabulary(text: str) -> Tuple[str, ...]:
   """"cat, dog; grass" or one name per line -> ("cat", "dog", "grass"). Commas inside a name are not
   supported here: use a vocabulary file with one class per line for names like "road, route"."""
@@ -121,8 +136,7 @@ class ClassEmbeddingCache:
 
   def tokens(self, names: Sequence[str]) -> np.ndarray:
     """[T, C, L] token ids: every template filled with every class name."""
-    return np.stack([tokenizer_lib.tokenize([t.format(n) for n in names], self.context_length)
-                     for t in self.templates])
+    return prompt_tokens(names, self.templates, self.context_length)
 
   def __call__(self, vocabulary: Sequence[str]) -> jax.Array:
     names = validate_vocabulary(vocabulary)

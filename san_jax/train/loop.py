@@ -5,7 +5,15 @@ step is skipped with a warning), else `train.resume_from` (another run's full tr
 `train.init_from` (parameters only: a converted official SAN or CLIP checkpoint), else the seeded random
 initialisation. Frozen parameters are never checkpointed: they are rebuilt from the same source
 (`init_from` or the seed), so a checkpoint holds the trainable parameters, the optimizer state, the step,
-and the data iterator's position. A SIGTERM (preemption) saves at the next step boundary and exits.
+and the data iterator's position. A SIGTERM (preemption) saves at the next step boundary and exits
+(`Preempted`; train.py exits with PREEMPTED_EXIT_STATUS).
+
+Nothing is lost by mistake (san_jax/train/workdir.py): the config is validated before anything is
+written (validate.py); process 0 holds WORKDIR/lock; a config whose identity (model, trainable set, data
+set) differs from WORKDIR/config.json, or checkpoints none of which can be read (each retried), stop the
+run unchanged unless `train.fresh`, which moves them to WORKDIR/set_aside/; unreadable steps newer than
+the restored one are moved there too, so retention never deletes them; metrics.jsonl is cut back to the
+restored step; a failed save stops the run within a step (checkpoint.CheckpointSaveError).
 """
 
 from __future__ import annotations
