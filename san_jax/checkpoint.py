@@ -262,7 +262,8 @@ class TrainCheckpoints:
         try:
           return self.restore(step, target), step, failures
         except Exception as err:  # orbax raises many types for damaged files
-          why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:400]
+          _quiet_failed_orbax_reads()
+          why = _read_error_of(err)
           if attempt + 1 < attempts:
             time.sleep(delay)
             delay *= 2
@@ -300,6 +301,46 @@ class TrainCheckpoints:
     except Exception:
       if not self._save_failed:  # a failed save was already reported as CheckpointSaveError
         raise
+
+
+def _read_error_of(err: BaseException) -> str:
+  """One line for a failed restore: the root cause (orbax wraps tensorstore's precise error, e.g.
+  "OUT_OF_RANGE: Error reading ... value of size 7", in a generic one), with a hint for a tree mismatch."""
+  root, seen = err, set()
+  while id(root) not in seen and (root.__cause__ or root.__context__) is not None:
+    seen.add(id(root))
+    root = root.__cause__ or root.__context__
+  text = str(root).strip()
+  line = text.splitlines()[0] if text else ""
+  if "tree structures do not match" in text:
+    line += " (the checkpoint holds another model or trainable set than this config)"
+  return f"{type(root).__name__}: {line}"[:400]
+
+
+_ORIGINAL_UNRAISABLEHOOK = None
+
+
+def _quiet_failed_orbax_reads() -> None:
+  """After a failed restore orbax leaves read coroutines that Python reports, when it collects them
+  (often at exit, thousands of lines of TensorStore specs), as "Exception ignored in ..." and asyncio's
+  "Task exception was never retrieved": those reports (and only those of orbax's coroutines) are dropped;
+  the failure itself is reported by `restore_newest`."""
+  import sys
+
+  global _ORIGINAL_UNRAISABLEHOOK
+  if _ORIGINAL_UNRAISABLEHOOK is not None:
+    return
+  _ORIGINAL_UNRAISABLEHOOK = original = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+      return
+    original(unraisable)
+  sys.unraisablehook = hook
+  # the same reads' asyncio tasks, collected unretrieved, are logged by asyncio at ERROR
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not ("never retrieved" in record.getMessage() and "orbax" in record.getMessage()))
 
 
 def _join_orbax_threads(timeout_s: float) -> None:

@@ -98,6 +98,8 @@ def test_another_config_or_unreadable_checkpoints_stop_the_run_and_nothing_is_lo
   assert "could read none" in again.stderr
   assert "step 4: " in again.stderr and "step 2: " in again.stderr  # each step, and why
   assert "train.py: found checkpoints in" in again.stderr and "\nNothing was changed." in again.stderr
+  assert again.stderr.rstrip().splitlines()[-1].startswith("Nothing was changed.")  # not buried in orbax's noise
+  assert "OUT_OF_RANGE" in again.stderr  # the root cause (tensorstore's), not orbax's generic wrapper
   assert _snapshot(w) == damaged, "a run that could read no checkpoint changed the workdir"
 
 
