@@ -58,6 +58,10 @@ def train() -> ml_collections.ConfigDict:
       on_nonfinite="stop",  # or "skip": never write a poisoned checkpoint
       log_every=20, checkpoint_every=1000, keep_checkpoints=3, eval_every=5000,
       init_from="",  # a converted official SAN or CLIP checkpoint (params only) for a fresh run
+      # When WORKDIR holds another run (its config.json differs in model, trainable set or data set) or only
+      # checkpoints that cannot be read: False stops naming the problem; True moves those files to
+      # WORKDIR/set_aside/<time>/ (nothing is deleted) and starts from scratch. A resumable run resumes either way.
+      fresh=False,
   ))
 
 

@@ -218,14 +218,40 @@ def check_buffers(sd: Mapping[str, np.ndarray], cfg: SANConfig) -> Dict[str, Any
 
 # ---- loading and saving ------------------------------------------------------------------------------
 def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
+  import pickle
   import torch  # conversion-only dependency
 
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  if not FsPath(path).is_file():
+    raise m.ConversionError(f"{path}: no such file")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as err:  # weights_only refuses code objects: never executed
+    raise m.ConversionError(f"{path}: refused to load: it holds objects other than tensors and plain "
+                            f"containers ({str(err).splitlines()[0][:200]})") from None
+  except Exception as err:  # text, a truncated zip, ...: torch raises IndexError, EOFError, RuntimeError
+    raise m.ConversionError(f"{path}: not a PyTorch checkpoint (torch.load failed: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}); expected an official "
+                            "SAN .pth ({'model': state_dict})") from None
   if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
     obj = obj["model"]
   if not isinstance(obj, dict):
     raise m.ConversionError(f"{path}: expected {{'model': state_dict}} or a state dict, got {type(obj).__name__}")
   return {k: v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in obj.items()}
+
+
+def check_is_san(sd: Mapping[str, Any], path: str) -> None:
+  """Refuses a state dict that is not (part of) an official SAN: no `side_adapter_network.*` tensor."""
+  if any(k.startswith(SIDE) for k in sd):
+    return
+  prefixes: Dict[str, int] = {}
+  for k in sd:
+    head = k.split(".")[0]
+    prefixes[head] = prefixes.get(head, 0) + 1
+  found = ", ".join(f"{p}.* ({n})" for p, n in sorted(prefixes.items(), key=lambda x: -x[1])[:8]) or "nothing"
+  hint = " (a CLIP checkpoint? use python -m convert.clip_checkpoint)" if any(
+      k.startswith(("visual.", "transformer.", "token_embedding")) for k in sd) else ""
+  raise m.ConversionError(f"{path}: not a SAN checkpoint: no {SIDE}* tensors; it holds {len(sd)} entries: "
+                          f"{found}{hint}")
 
 
 def table_for(sd_keys, cfg: SANConfig) -> List[m.Entry]:
@@ -290,6 +316,7 @@ def main(argv=None) -> int:
     print(f"wrote {args.dst}: {len(sd)} tensors")
     return 0
   sd = load_torch_state_dict(args.src)
+  check_is_san(sd, args.src)
   if args.config is None:
     cfg = default_config_for(sd)
   elif args.config.endswith(".json"):
@@ -305,4 +332,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except m.ConversionError as err:  # one message naming the file and the problem, no traceback
+    sys.exit(f"convert.san_checkpoint: error: {err}")

@@ -15,7 +15,12 @@ as ints. NNX attribute names are identifiers, so a string component made only of
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
+import shutil
+import time
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -143,6 +148,30 @@ def restore_params(directory: str | os.PathLike) -> Tuple[FlatParams, dict]:
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 RUN_CONFIG_ITEM = "config"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step being written (renamed on commit)
+
+
+class CheckpointSaveError(OSError):
+  """A train-state checkpoint could not be written (disk full, permission, ...): one line naming the
+  step's path and the OS error. The previous steps are intact and the partial step was removed."""
+
+
+def _os_error_of(err: BaseException) -> str:
+  """The OS error behind an orbax/tensorstore failure: "[Errno 28] No space left on device (ENOSPC)";
+  tensorstore reports it as text (`... [os_error_code='28']`), Python writers as an OSError in the chain."""
+  seen = set()
+  node: Optional[BaseException] = err
+  while node is not None and id(node) not in seen:
+    seen.add(id(node))
+    if isinstance(node, OSError) and node.errno:
+      return f"[Errno {node.errno}] {os.strerror(node.errno)} ({errno.errorcode.get(node.errno, '?')})"
+    found = re.search(r"os_error_code='?(\d+)", str(node))
+    if found:
+      code = int(found.group(1))
+      return f"[Errno {code}] {os.strerror(code)} ({errno.errorcode.get(code, '?')})"
+    node = node.__cause__ or node.__context__
+  first = str(err).splitlines()[0] if str(err) else ""
+  return f"{type(err).__name__}: {first[:300]}"
 
 
 class TrainCheckpoints:
@@ -161,17 +190,47 @@ class TrainCheckpoints:
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=(STATE_ITEM, DATA_ITEM, RUN_CONFIG_ITEM))
+    self._pending: Optional[int] = None  # the step being saved in the background
+    self._save_failed = False
 
   def steps(self):
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: Optional[Mapping[str, Any]] = None,
            config: Optional[Mapping[str, Any]] = None, *, force: bool = True) -> bool:
-    """Saves the state, the data position and the run's config (a JSON dict) together as `step`."""
-    return self._manager.save(int(step), args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave(state),
-        DATA_ITEM: ocp.args.JsonSave(dict(data_state or {})),
-        RUN_CONFIG_ITEM: ocp.args.JsonSave(dict(config or {}))}), force=force)
+    """Saves the state, the data position and the run's config (a JSON dict) together as `step`.
+
+    The write goes on in the background; a failure (of this save or of the previous one, found when it
+    is waited for) raises CheckpointSaveError, also from `poll()` and `wait()`.
+    """
+    self.wait()  # orbax waits for the previous save anyway; this surfaces its failure as ours
+    self._pending = int(step)
+    try:
+      return self._manager.save(int(step), args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardSave(state),
+          DATA_ITEM: ocp.args.JsonSave(dict(data_state or {})),
+          RUN_CONFIG_ITEM: ocp.args.JsonSave(dict(config or {}))}), force=force)
+    except Exception as err:  # a synchronous failure (creating the directory, writing metadata)
+      self._failed(err)
+
+  def _failed(self, err: BaseException):
+    step, self._pending = self._pending, None
+    self._save_failed = True
+    path = os.path.join(self.directory, str(step))
+    # orbax writes into STEP.orbax-checkpoint-tmp and renames it on commit: what is left is only ours. The
+    # writers of the other items may still be running in orbax's threads after the first one failed (orbax
+    # waits for the first failure only): they are joined first, so that nothing writes there any more.
+    _join_orbax_threads(timeout_s=60.0)
+    shutil.rmtree(path + TMP_SUFFIX, ignore_errors=True)
+    kept = sorted(int(d) for d in os.listdir(self.directory) if d.isdigit()) if os.path.isdir(self.directory) else []
+    raise CheckpointSaveError(f"could not save checkpoint step {step} to {path}: {_os_error_of(err)}; "
+                              f"the steps already saved are intact: {kept}") from None
+
+  def poll(self) -> None:
+    """Raises CheckpointSaveError as soon as a background save has failed; returns at once otherwise
+    (called every step, so a run stops within a step of a failed save, not at the next save)."""
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self.wait()
 
   def config(self, step: int) -> dict:
     """The run config saved with `step`."""
@@ -188,25 +247,110 @@ class TrainCheckpoints:
         STATE_ITEM: ocp.args.StandardRestore(abstract), DATA_ITEM: ocp.args.JsonRestore()}))
     return restored[STATE_ITEM], dict(restored[DATA_ITEM] or {})
 
+  def restore_newest(self, target: Any, attempts: int = 3, retry_delay_s: float = 1.0
+                     ) -> Tuple[Optional[Tuple[Any, dict]], Optional[int], Dict[int, str]]:
+    """(restored, its step, {newer unreadable step: why}); (None, None, {step: why}) when no step reads.
+
+    Each step is tried `attempts` times, `retry_delay_s` apart (doubling), before it counts as unreadable,
+    so a transient read error (an object store's hiccup) does not make a run fall back or stop. Every
+    failure is logged as a warning naming the step and the error's first line.
+    """
+    failures: Dict[int, str] = {}
+    for step in reversed(self.steps()):
+      delay = retry_delay_s
+      for attempt in range(attempts):
+        try:
+          return self.restore(step, target), step, failures
+        except Exception as err:  # orbax raises many types for damaged files
+          _quiet_failed_orbax_reads()
+          why = _read_error_of(err)
+          if attempt + 1 < attempts:
+            time.sleep(delay)
+            delay *= 2
+      failures[step] = why
+      logging.getLogger("san_jax.checkpoint").warning(
+          "checkpoint step %d in %s is unreadable after %d attempts (%s)", step, self.directory, attempts, why)
+    return None, None, failures
+
   def restore_latest(self, target: Any) -> Optional[Tuple[Any, dict]]:
     """The newest readable step, or None when there is none. An unreadable (corrupt, half-deleted)
-    step is skipped with a warning naming it, and the one before it is tried."""
-    import logging
-
-    for step in reversed(self.steps()):
-      try:
-        return self.restore(step, target)
-      except Exception as err:  # orbax raises many types for damaged files
-        logging.getLogger("san_jax.checkpoint").warning(
-            "checkpoint step %d in %s is unreadable (%s: %s); trying the previous step",
-            step, self.directory, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-    return None
+    step is skipped with a warning naming it, and the one before it is tried (no retries: see
+    `restore_newest`, which the training loop uses)."""
+    restored, _, _ = self.restore_newest(target, attempts=1)
+    return restored
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+      if self._pending is not None:
+        self._manager.check_for_errors()
+    except Exception as err:
+      if self._pending is not None:
+        self._failed(err)
+      if not self._save_failed:  # orbax re-raises a failure already reported as CheckpointSaveError
+        raise
+    self._pending = None
+
+  def reload(self) -> None:
+    """Rereads the steps on disk (after steps were moved away)."""
+    self._manager.reload()
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception:
+      if not self._save_failed:  # a failed save was already reported as CheckpointSaveError
+        raise
+
+
+def _read_error_of(err: BaseException) -> str:
+  """One line for a failed restore: the root cause (orbax wraps tensorstore's precise error, e.g.
+  "OUT_OF_RANGE: Error reading ... value of size 7", in a generic one), with a hint for a tree mismatch."""
+  root, seen = err, set()
+  while id(root) not in seen and (root.__cause__ or root.__context__) is not None:
+    seen.add(id(root))
+    root = root.__cause__ or root.__context__
+  text = str(root).strip()
+  line = text.splitlines()[0] if text else ""
+  if "tree structures do not match" in text:
+    line += " (the checkpoint holds another model or trainable set than this config)"
+  return f"{type(root).__name__}: {line}"[:400]
+
+
+_ORIGINAL_UNRAISABLEHOOK = None
+
+
+def _quiet_failed_orbax_reads() -> None:
+  """After a failed restore orbax leaves read coroutines that Python reports, when it collects them
+  (often at exit, thousands of lines of TensorStore specs), as "Exception ignored in ..." and asyncio's
+  "Task exception was never retrieved": those reports (and only those of orbax's coroutines) are dropped;
+  the failure itself is reported by `restore_newest`."""
+  import sys
+
+  global _ORIGINAL_UNRAISABLEHOOK
+  if _ORIGINAL_UNRAISABLEHOOK is not None:
+    return
+  _ORIGINAL_UNRAISABLEHOOK = original = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+      return
+    original(unraisable)
+  sys.unraisablehook = hook
+  # the same reads' asyncio tasks, collected unretrieved, are logged by asyncio at ERROR
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not ("never retrieved" in record.getMessage() and "orbax" in record.getMessage()))
+
+
+def _join_orbax_threads(timeout_s: float) -> None:
+  """Waits (at most `timeout_s` in all) for orbax's background save threads other than this one."""
+  import threading
+
+  deadline = time.monotonic() + timeout_s
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax."):
+      thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _abstract_leaf(x):

@@ -34,8 +34,7 @@ def _metrics(workdir):
   rows = {}
   for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
     row = json.loads(line)
-    # several rows may share a step (training metrics, evaluation); a resumed run re-logs the steps after
-    # its checkpoint: later values win
+    # several rows may share a step (training metrics, evaluation): merged
     rows.setdefault(row["step"], {}).update(row)
   return rows
 
@@ -70,6 +69,8 @@ def test_kill_dash_nine_then_resume_gives_the_uninterrupted_losses(tmp_path):
   assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
   got = _metrics(work)
   assert sorted(got) == list(range(1, steps + 1))
+  logged = [json.loads(l)["step"] for l in (work / "metrics.jsonl").read_text().splitlines() if l.strip()]
+  assert logged == list(range(1, steps + 1)), "one row per step: the rows after the restored step are dropped"
   for s in range(1, steps + 1):
     for k in LOSS_KEYS:
       assert got[s][k] == expected[s][k], (s, k, got[s][k], expected[s][k])

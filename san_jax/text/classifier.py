@@ -8,7 +8,8 @@ compiled function serves vocabularies of any size (1 to thousands of classes) wi
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+import logging
+from typing import Dict, Sequence, Set, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,44 @@ from san_jax.text import templates as templates_lib
 from san_jax.text import tokenizer as tokenizer_lib
 
 
+log = logging.getLogger("san_jax.text")
+
+# Class names already warned about as too long for the text tower's context (warned once per process).
+_WARNED_LONG: Set[Tuple[str, int]] = set()
+
+
 class VocabularyError(ValueError):
-  """A vocabulary that cannot be prompted: empty, blank or duplicated class names."""
+  """A vocabulary that cannot be prompted: empty, blank or duplicated class names, or names whose prompts
+  are identical once tokenised and cut to the text tower's context length."""
+
+
+def check_prompt_tokens(names: Sequence[str], tokens: np.ndarray, templates: Sequence[str]) -> None:
+  """Refuses two classes whose prompts are the same token ids under every template ([T, C, L] `tokens`:
+  names that differ only after the context-length cut, or in what the tokenizer cleans away), naming both;
+  warns once per name about a name whose prompts are cut (their end is lost)."""
+  context = tokens.shape[-1]
+  seen: Dict[bytes, int] = {}
+  dups = []
+  for c, name in enumerate(names):
+    key = np.ascontiguousarray(tokens[:, c]).tobytes()
+    if key in seen:
+      dups.append(f"{names[seen[key]]!r} and {name!r} (positions {seen[key]} and {c})")
+    else:
+      seen[key] = c
+  if dups:
+    raise VocabularyError(f"class names whose prompts are identical after tokenisation (the text tower reads "
+                          f"{context} tokens): " + ", ".join(dups) + "; they would get the same embedding. "
+                          "Rename or shorten them so they differ within the first tokens.")
+  full = np.nonzero((tokens[..., -1] != 0).any(axis=0))[0]  # a row without padding may have been cut
+  for c in full:
+    name = names[int(c)]
+    if (name, context) in _WARNED_LONG:
+      continue
+    longest = max(len(tokenizer_lib.default_tokenizer().encode(t.format(name))) + 2 for t in templates)
+    if longest > context:
+      _WARNED_LONG.add((name, context))
+      log.warning("class name %r is too long: its longest prompt has %d tokens, the text tower reads %d; the end "
+                  "is cut off", name, longest, context)
 
 
 def validate_vocabulary(vocabulary: Sequence[str]) -> Tuple[str, ...]:
@@ -46,6 +83,21 @@ def validate_vocabulary(vocabulary: Sequence[str]) -> Tuple[str, ...]:
   if dups:
     raise VocabularyError("duplicate class names (they would give identical prompts): " + ", ".join(dups))
   return tuple(names)
+
+
+def prompt_tokens(names: Sequence[str], templates: Sequence[str], context_length: int = 77) -> np.ndarray:
+  """[T, C, L] token ids: every template filled with every class name."""
+  return np.stack([tokenizer_lib.tokenize([t.format(n) for n in names], context_length) for t in templates])
+
+
+def check_vocabulary_prompts(vocabulary: Sequence[str], template_set: str = "vild",
+                             context_length: int = 77) -> Tuple[str, ...]:
+  """`validate_vocabulary` plus the token-level checks of `check_prompt_tokens`, without a model: for
+  entry points that want to refuse a vocabulary before loading anything. Returns the stripped names."""
+  names = validate_vocabulary(vocabulary)
+  templates = templates_lib.get_templates(template_set)
+  check_prompt_tokens(names, prompt_tokens(names, templates, context_length), templates)
+  return names
 
 
 def parse_vocabulary(text: str) -> Tuple[str, ...]:
@@ -85,13 +137,13 @@ class ClassEmbeddingCache:
 
   def tokens(self, names: Sequence[str]) -> np.ndarray:
     """[T, C, L] token ids: every template filled with every class name."""
-    return np.stack([tokenizer_lib.tokenize([t.format(n) for n in names], self.context_length)
-                     for t in self.templates])
+    return prompt_tokens(names, self.templates, self.context_length)
 
   def __call__(self, vocabulary: Sequence[str]) -> jax.Array:
     names = validate_vocabulary(vocabulary)
     if names not in self._cache:
       tokens = self.tokens(names)
+      check_prompt_tokens(names, tokens, self.templates)
       c = len(names)
       padded = resize.round_up(c, self.chunk)
       if padded > c:  # pad with copies of the first class: cheap, and sliced away below

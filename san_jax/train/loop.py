@@ -5,11 +5,20 @@ step is skipped with a warning), else `train.resume_from` (another run's full tr
 `train.init_from` (parameters only: a converted official SAN or CLIP checkpoint), else the seeded random
 initialisation. Frozen parameters are never checkpointed: they are rebuilt from the same source
 (`init_from` or the seed), so a checkpoint holds the trainable parameters, the optimizer state, the step,
-and the data iterator's position. A SIGTERM (preemption) saves at the next step boundary and exits.
+and the data iterator's position. A SIGTERM (preemption) saves at the next step boundary and exits
+(`Preempted`; train.py exits with PREEMPTED_EXIT_STATUS).
+
+Nothing is lost by mistake (san_jax/train/workdir.py): the config is validated before anything is
+written (validate.py); process 0 holds WORKDIR/lock; a config whose identity (model, trainable set, data
+set) differs from WORKDIR/config.json, or checkpoints none of which can be read (each retried), stop the
+run unchanged unless `train.fresh`, which moves them to WORKDIR/set_aside/; unreadable steps newer than
+the restored one are moved there too, so retention never deletes them; metrics.jsonl is cut back to the
+restored step; a failed save stops the run within a step (checkpoint.CheckpointSaveError).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -27,13 +36,24 @@ import numpy as np
 from san_jax import checkpoint
 from san_jax.data import pipeline as pipeline_lib
 from san_jax.models import san as san_lib
-from san_jax.train import sharding, steps
+from san_jax.train import sharding, steps, validate
+from san_jax.train import workdir as workdir_lib
 
 log = logging.getLogger("san_jax.train")
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradient norm became NaN/inf and train.on_nonfinite == "stop"."""
+
+
+# train.py's exit status after a SIGTERM (preemption): the state was saved, the run is not finished.
+# 128 + SIGTERM, what a shell reports for a process killed by SIGTERM, so schedulers treat it as such.
+PREEMPTED_EXIT_STATUS = 128 + signal.SIGTERM
+
+
+class Preempted(Exception):
+  """Raised by `train` after a SIGTERM, once the step it stopped at is saved (train.py exits with
+  PREEMPTED_EXIT_STATUS)."""
 
 
 def make_source(data_cfg, split: str):
@@ -140,14 +160,22 @@ def _load_init_params(path: str):
 def train(cfg, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes) training; returns the last logged metrics."""
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   sharding.initialize_distributed()
+  validate.check_train_config(cfg)  # the whole config, before anything is written
   is_main = jax.process_index() == 0
   t = cfg.train
   model_cfg = san_lib.config_from_dict(cfg.model.to_dict())
   mesh = sharding.make_mesh(cfg.mesh.shape.to_dict())
   rules = [tuple(r) for r in cfg.mesh.rules]
   run_config = json.loads(cfg.to_json_best_effort())
+  workdir.mkdir(parents=True, exist_ok=True)
+  lock = workdir_lib.WorkdirLock(workdir, enabled=is_main).acquire()
+  atexit.register(lock.release)  # also when setup below fails; the finally of the loop releases it too
+  try:
+    _check_workdir_run(workdir, run_config, bool(t.get("fresh", False)), is_main)
+  except workdir_lib.WorkdirError:
+    lock.release()
+    raise
   if is_main:
     (workdir / "config.json").write_text(json.dumps(run_config, indent=1))
 
@@ -159,14 +187,25 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
 
   pipe = make_pipeline(source, cfg, jax.process_index(), jax.process_count())
   ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", keep=t.keep_checkpoints)
-  restored = ckpts.restore_latest(state)
-  if restored is None and t.get("resume_from"):
-    restored = checkpoint.TrainCheckpoints(t.resume_from, keep=t.keep_checkpoints).restore_latest(state)
+  try:
+    restored = _restore_own(ckpts, state, workdir, bool(t.get("fresh", False)), is_main)
+    if restored is None and t.get("resume_from"):
+      restored = _restore_other(t.resume_from, state)
+  except workdir_lib.WorkdirError:
+    ckpts.close()
+    lock.release()
+    raise
   if restored is not None:
     state, data_state = restored
     pipe.set_state(data_state)
     log.info("resumed from step %d", int(state["step"]))
+  else:
+    log.warning("starting from scratch (step 0): no checkpoint in %s%s; parameters from %s", ckpts.directory,
+                f" nor in train.resume_from={t.resume_from}" if t.get("resume_from") else "",
+                f"train.init_from={t.init_from} and the seed" if t.init_from else f"the seed {t.seed}")
   start = int(jax.device_get(state["step"]))
+  if is_main:
+    workdir_lib.truncate_metrics(workdir, start)  # the rows after `start` are about to be logged again
 
   from san_jax.text.classifier import ClassEmbeddingCache
   class_emb = ClassEmbeddingCache(trainer.model(state, frozen).ov_classifier, model_cfg.template_set)(names)
@@ -181,6 +220,7 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
   t_last, step_last = time.perf_counter(), start
   try:
     for step in range(start, t.steps):
+      ckpts.poll()  # a failed background save stops the run here, not at the next save
       local = next(pipe)
       batch = sharding.global_batch({k: local[k] for k in STEP_KEYS}, mesh, rules)
       if step_fn is None:
@@ -218,14 +258,99 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
         t_last, step_last = time.perf_counter(), done  # keep evaluation time out of the training rate
       if preempted["flag"]:
         log.warning("SIGTERM: saved step %d, exiting", done)
+        preempted["saved"] = done
         break
   finally:
-    ckpts.wait()
-    ckpts.close()
-    writer.close()
-    pipe.close()
-    signal.signal(signal.SIGTERM, previous)
+    try:
+      ckpts.wait()
+      ckpts.close()
+    finally:
+      writer.close()
+      pipe.close()
+      signal.signal(signal.SIGTERM, previous)
+      lock.release()
+  if "saved" in preempted:
+    raise Preempted(f"SIGTERM: saved step {preempted['saved']} in {ckpts.directory}; run the same command "
+                    "to resume")
   return last
+
+
+def _check_workdir_run(workdir: Path, run_config: Dict[str, Any], fresh: bool, is_main: bool) -> None:
+  """Refuses a run whose identity (model geometry, trainable set, data set) differs from the workdir's
+  config.json, listing the differences; with `fresh`, sets the workdir's run aside instead."""
+  try:
+    previous = workdir_lib.read_config(workdir)
+  except workdir_lib.WorkdirError:
+    if not fresh:
+      raise
+    previous, diffs = None, ["config.json is unreadable"]
+  else:
+    diffs = workdir_lib.identity_differences(previous, run_config) if previous is not None else []
+  if not diffs:
+    return
+  if not fresh:
+    raise workdir_lib.WorkdirError(
+        f"{workdir} holds another run: its config.json differs from this config in\n  " + "\n  ".join(diffs) +
+        "\nNothing was changed. Use another --workdir (train.resume_from / train.init_from start a new run "
+        "from this one's state or weights), or pass --config.train.fresh=True to move this run's files to "
+        f"{workdir / workdir_lib.SET_ASIDE_DIR}/ and start from scratch here.")
+  if is_main:
+    workdir_lib.set_aside(workdir, [workdir / n for n in ("checkpoints", "config.json", "metrics.jsonl",
+                                                           "tensorboard", "eval")],
+                          "train.fresh=True and the workdir holds another run (" + "; ".join(diffs) + ")")
+  _sync("san_jax_workdir_set_aside")
+
+
+def _restore_own(ckpts: checkpoint.TrainCheckpoints, state, workdir: Path, fresh: bool, is_main: bool):
+  """The newest readable step of the run's own checkpoints, or None when there are none.
+
+  Checkpoints that exist but cannot be read are never deleted: when none can be read the run stops
+  naming each step and why (unless `fresh`); unreadable steps newer than the one restored (or all, with
+  `fresh`) are moved to WORKDIR/set_aside/, so that retention and the run's next saves cannot touch them.
+  """
+  restored, step, failures = ckpts.restore_newest(state)
+  if not failures:
+    return restored
+  listing = "\n  ".join(f"step {s}: {why}" for s, why in sorted(failures.items(), reverse=True))
+  if restored is None and not fresh:
+    raise workdir_lib.WorkdirError(
+        f"found checkpoints in {ckpts.directory} but could read none:\n  {listing}\nNothing was changed. If the "
+        "error is transient, run again; if the config changed, use the run's own config or another --workdir; "
+        "if the files are damaged for good, --config.train.fresh=True moves them to "
+        f"{workdir / workdir_lib.SET_ASIDE_DIR}/ and starts from scratch.")
+  if is_main:
+    what = f"restored step {step}" if restored is not None else "train.fresh=True"
+    paths = [Path(ckpts.directory) / str(s) for s in failures]
+    if restored is None:  # a new run from scratch: the old run's metrics go with its checkpoints
+      paths += [workdir / "metrics.jsonl", workdir / "tensorboard"]
+    workdir_lib.set_aside(workdir, paths, f"{what}; unreadable checkpoint steps {sorted(failures)}")
+  _sync("san_jax_unreadable_set_aside")
+  ckpts.reload()
+  return restored
+
+
+def _restore_other(directory: str, state):
+  """train.resume_from: another run's newest readable step; asked for explicitly, so finding none is an
+  error naming each step and why (its files are only read)."""
+  other = checkpoint.TrainCheckpoints(directory, keep=10**6)  # never saved to: retention cannot act
+  try:
+    restored, step, failures = other.restore_newest(state)
+  finally:
+    other.close()
+  if restored is None:
+    listing = "".join(f"\n  step {s}: {why}" for s, why in sorted(failures.items(), reverse=True))
+    raise workdir_lib.WorkdirError(f"train.resume_from={directory}: " + (
+        f"no step could be read:{listing}" if failures else "holds no checkpoint steps"))
+  log.info("train.resume_from: step %d of %s%s", step, directory,
+           f" (newer unreadable steps: {sorted(failures)})" if failures else "")
+  return restored
+
+
+def _sync(name: str) -> None:
+  """All processes wait here (process 0 has just moved files the others will look at)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 class PeriodicEval:
