@@ -1,6 +1,6 @@
 """Evaluation: detectron2's SemSegEvaluator metrics, batched/TTA/sliding-window inference, eval.py end to end.
 
-Tiny config, random weights (numpy-drawn, see inference.quick_random_params), synthetic data.
+Tiny config, random weights (numpy-drawn, see pretrained.quick_random_params), synthetic data.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from san_jax import checkpoint
+from san_jax import checkpoint, pretrained
 from san_jax.data import shapes
 from san_jax.evaluation import inference, runner
 from san_jax.evaluation import sem_seg
@@ -129,12 +129,12 @@ def test_allreduce_halves_round_trip_large_counts():
 # ---- inference ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def params():
-  return inference.quick_random_params(tiny.get_config().model, seed=0)
+  return pretrained.quick_random_params(tiny.get_config().model, seed=0)
 
 
 @pytest.fixture(scope="module")
 def segmenter(params):
-  return inference.Segmenter(inference.model_from_params(*params))
+  return inference.Segmenter(pretrained.model_from_params(*params))
 
 
 def _image(h, w, index=0):

@@ -10,16 +10,15 @@ from PIL import Image
 
 import predict
 from configs import tiny
-from san_jax import checkpoint, viz
+from san_jax import checkpoint, pretrained, viz
 from san_jax.data import shapes
-from san_jax.evaluation import inference
 
 H, W = 128, 160  # short side 128: the tiny config's test resize keeps the size, so one compiled program
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-  flat, san_config = inference.quick_random_params(tiny.get_config().model, seed=0)
+  flat, san_config = pretrained.quick_random_params(tiny.get_config().model, seed=0)
   return checkpoint.save_params(tmp_path_factory.mktemp("ckpt") / "params", flat, {"san_config": san_config})
 
 
