@@ -17,8 +17,10 @@ the inputs, outputs, class names, the jax version that wrote it, the calling-con
 platforms it was lowered for.
 
 Serving needs only jax and numpy: `serve_export.py` at the repository root (no san_jax import) loads and
-runs it. `jax.export` guarantees that an artifact is readable by jax releases of the following six months
-(its calling convention: versions `minimum_supported..maximum_supported_calling_convention_version`).
+runs it. Readers: jax guarantees six months of backward compatibility for serialized artifacts (newer
+releases read it); an older jax needs the artifact's calling convention within its
+`jax.export.minimum/maximum_supported_calling_convention_version` (0.10.2: 9..10) and its StableHLO
+version (serialized for a StableHLO about four weeks older than the writer's).
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ Sources, told apart by what is on disk (`detect`):
               step, and the frozen ones rebuilt the way training built them (`train.init_from`, else the
               run's seed). No optimizer, no mesh: the optimizer state on disk is never read.
 
+`train.init_from` also takes these names, and CLIP towers by open_clip name ("ViT-B-16/openai") or Hugging
+Face id ("openai/clip-vit-base-patch16"), resolved the same way (`resolve_name`, `resolve_clip`).
+
 A checkpoint of one kind given where another was asked for (`kind=`), a CLIP checkpoint given for a SAN,
 or a config whose geometry differs from the weights' raises `PretrainedError` naming what was found and
 the differing keys, before anything is compiled.
@@ -298,6 +301,46 @@ def resolve_name(name: str) -> str:
 def _from_name(name: str, config=None) -> Pretrained:
   p = _from_params_dir(resolve_name(name), config)
   return dataclasses.replace(p, kind="name", origin=name, meta={**p.meta, "converted": p.origin})
+
+
+# CLIP towers by open_clip name (the Hub repositories open_clip itself downloads them from) or by a Hugging
+# Face CLIPModel id ("openai/clip-vit-base-patch16": config.json + model.safetensors).
+CLIP_NAMES: Dict[str, Tuple[str, str]] = {
+    "ViT-B-16/openai": ("timm/vit_base_patch16_clip_224.openai", "open_clip_model.safetensors"),
+    "ViT-L-14-336/openai": ("timm/vit_large_patch14_clip_336.openai", "open_clip_model.safetensors"),
+}
+
+
+def is_clip_name(source: str) -> bool:
+  """An open_clip name of CLIP_NAMES, or a Hugging Face id "org/name" that is not a local path."""
+  return source in CLIP_NAMES or (source.count("/") == 1 and not os.path.exists(source)
+                                  and not source.startswith((".", "/")) and source not in MODEL_NAMES)
+
+
+def resolve_clip(name: str) -> str:
+  """A CLIP name -> the path of its converted parameters checkpoint (what convert.clip_checkpoint writes),
+  downloading and converting once; cached beside the Hub cache like SAN names."""
+  from san_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from san_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
+  try:
+    if name in CLIP_NAMES:
+      repo, filename = CLIP_NAMES[name]
+      weights, config_path = hub_download(repo, filename), None
+    else:
+      repo = name
+      weights, config_path = hub_download(repo, "model.safetensors"), hub_download(repo, "config.json")
+  except PretrainedError as e:
+    local = "" if name in CLIP_NAMES else f" (nor is there a local checkpoint {os.path.abspath(name)})"
+    raise PretrainedError(f"CLIP {name!r}{local}: {e}") from e
+  out = converted_dir(weights, repo)
+  if not os.path.isdir(out):
+    from convert import clip_checkpoint as cc  # pylint: disable=g-import-not-at-top
+    sd, _ = cc.read_checkpoint(weights)
+    hf_config = json.loads(Path(config_path).read_text()) if config_path else None
+    flat, cfg, _ = cc.convert_state_dict(sd, "hf" if config_path else "auto", hf_config=hf_config)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    checkpoint.save_params(out, flat, clip_lib.config_to_dict(cfg))
+  return out
 
 
 # ---- training runs ------------------------------------------------------------------------------------------

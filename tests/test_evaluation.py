@@ -235,9 +235,16 @@ def test_eval_cli_on_the_shapes_set(params, segmenter, tmp_path):
 def test_eval_cli_rejects_bad_arguments(params, tmp_path, capsys):
   import eval as eval_cli
   assert eval_cli.main(["--datasets", "shapes"]) == 2
-  assert "exactly one of --workdir and --checkpoint" in capsys.readouterr().err
+  assert "exactly one of --workdir, --checkpoint and --model" in capsys.readouterr().err
   assert eval_cli.main(["--checkpoint", str(tmp_path), "--datasets", "nope"]) == 2
   assert "unknown data sets ['nope']" in capsys.readouterr().err
+  # a config of another geometry than the checkpoint's: the differing keys, before any work
+  ckpt = checkpoint.save_params(tmp_path / "ckpt", params[0], {"san_config": params[1]})
+  assert eval_cli.main(["--config", "configs/tiny.py", "--config.model.side.width=96",
+                        "--config.model.side.num_queries=12", "--checkpoint", ckpt, "--datasets", "shapes"]) == 2
+  err = capsys.readouterr().err
+  assert "side.width: config 96, checkpoint 48" in err and "side.num_queries: config 12, checkpoint 8" in err
+  assert "Traceback" not in err
 
 
 def test_evaluate_with_tta_and_sliding_window_runs(segmenter):

@@ -117,16 +117,17 @@ def _small_b16_geometry():
   return dataclasses.replace(b16, clip=clip, side=side)
 
 
-def _hub_cache(root: Path, filename: str, payload: bytes, revision: str = "0123456789abcdef0123456789abcdef01234567"):
+def _hub_cache(root: Path, filename: str, payload: bytes, repo_id: str = "Mendel192/san",
+               revision: str = "0123456789abcdef0123456789abcdef01234567"):
   """The layout huggingface_hub writes: blobs/<sha256>, snapshots/<rev>/<file> -> ../../blobs/<sha256>,
   refs/main = <rev>."""
-  repo = root / "models--Mendel192--san"
+  repo = root / f"models--{repo_id.replace('/', '--')}"
   sha = hashlib.sha256(payload).hexdigest()
-  (repo / "blobs").mkdir(parents=True)
+  (repo / "blobs").mkdir(parents=True, exist_ok=True)
   (repo / "blobs" / sha).write_bytes(payload)
-  (repo / "snapshots" / revision).mkdir(parents=True)
+  (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
   os.symlink(f"../../blobs/{sha}", repo / "snapshots" / revision / filename)
-  (repo / "refs").mkdir()
+  (repo / "refs").mkdir(exist_ok=True)
   (repo / "refs" / "main").write_text(revision)
 
 
@@ -176,3 +177,25 @@ def test_init_from_accepts_a_model_name(tmp_path, monkeypatch, no_network):
       tmp_path / name, flat, {"san_config": san_config}))
   got = loop.load_init_params("san_vit_b16")
   assert set(got) == set(flat) and all(np.array_equal(got[k], flat[k]) for k in flat)
+
+
+def test_init_from_a_hugging_face_clip_id_through_the_hub_cache(tmp_path, monkeypatch, no_network):
+  """train.init_from = "org/name" (a Hugging Face CLIPModel: config.json + model.safetensors in the Hub
+  cache the test builds, written by the HF exporter) sets SAN's CLIP image and text towers."""
+  from flax import nnx
+  from convert import clip_checkpoint as cc
+  from san_jax.models import clip as clip_lib
+  from san_jax.train import loop
+  ccfg = san_lib.config_from_dict(tiny.get_config().model.to_dict()).clip
+  flat = _flat(clip_lib.CLIP(ccfg, rngs=nnx.Rngs(4)))
+  cc.save_torch_state_dict(cc.nnx_to_hf(flat, ccfg), tmp_path / "model.safetensors")
+  _hub_cache(tmp_path / "hub", "model.safetensors", (tmp_path / "model.safetensors").read_bytes(), "someorg/tiny-clip")
+  _hub_cache(tmp_path / "hub", "config.json", json.dumps(cc.hf_config_dict(ccfg)).encode(), "someorg/tiny-clip")
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  got = loop.load_init_params("someorg/tiny-clip")
+  np.testing.assert_array_equal(got[("clip_visual", "conv1", "kernel")], flat[("visual", "conv1", "kernel")])
+  np.testing.assert_array_equal(got[("ov_classifier", "token_embedding", "embedding")],
+                                flat[("token_embedding", "embedding")])
+  assert len(got) == len(flat)
+  with pytest.raises(pretrained.PretrainedError, match="nor is there a local checkpoint"):
+    loop.load_init_params("someorg/not-there")

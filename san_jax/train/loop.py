@@ -120,12 +120,14 @@ def _format_eta(seconds: float) -> str:
 
 
 def load_init_params(path: str):
-  """A params-only checkpoint (convert.san_checkpoint or convert.clip_checkpoint output, or a model name
-  such as `san_vit_b16`, resolved through `san_jax.pretrained`) -> flat params for the SAN model; a CLIP
-  checkpoint's `visual.*` / text leaves are mapped onto SAN's CLIP parts."""
+  """A params-only checkpoint (convert.san_checkpoint or convert.clip_checkpoint output, or a name resolved
+  through `san_jax.pretrained`: `san_vit_b16`, a CLIP's "ViT-B-16/openai" or Hugging Face id) -> flat params
+  for the SAN model; a CLIP checkpoint's `visual.*` / text leaves are mapped onto SAN's CLIP parts."""
   from san_jax import pretrained  # pylint: disable=g-import-not-at-top
   if path in pretrained.MODEL_NAMES:
     path = pretrained.resolve_name(path)
+  elif pretrained.is_clip_name(path):
+    path = pretrained.resolve_clip(path)
   flat, meta = checkpoint.restore_params(path)
   if any(p[0] == "clip_visual" for p in flat):
     return flat
