@@ -146,7 +146,7 @@ def build_ui(state: SegmentApp):
     gr.Markdown("## SAN: open-vocabulary semantic segmentation\nUpload an image, type class names, press Segment.")
     with gr.Row():
       with gr.Column():
-        image = gr.Image(type="numpy", label="image", elem_id="san-input", sources=["upload", "clipboard"])
+        image = gr.Image(type="numpy", label="image", elem_id="san-input", sources=["upload", "clipboard"], height=360)
         vocab = gr.Textbox(label="class names, comma separated", value=EXAMPLE_VOCAB, elem_id="san-vocab")
         aug = gr.Radio(list(AUG_CHOICES), value="none", label="add COCO-Stuff names", elem_id="san-aug")
         source = gr.Textbox(label="model", value=state.default_model, elem_id="san-model")
@@ -154,7 +154,7 @@ def build_ui(state: SegmentApp):
         if EXAMPLE.exists():
           gr.Examples([[str(EXAMPLE), EXAMPLE_VOCAB]], [image, vocab], label="example")
       with gr.Column():
-        out = gr.Image(type="numpy", label="segmentation", elem_id="san-output", interactive=False, format="png")
+        out = gr.Image(type="numpy", label="segmentation", elem_id="san-output", interactive=False, format="png", height=360)
         legend = gr.HTML(elem_id="san-legend-box")
         status = gr.Markdown(elem_id="san-status")
         with gr.Row():

@@ -173,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"predict.py: {e}", file=sys.stderr)
     return 2
   if cfg is None and loaded.run_config is not None:
-    cfg = loaded.run_config  # a training run's test resize
+    cfg = loaded.run_config  # a training run's test resize (a run, or its convert.export_params checkpoint)
   min_size = args.min_size if args.min_size is not None else int(cfg.data.get("eval_min_size", 640)) if cfg else 640
   max_size = args.max_size if args.max_size is not None else int(cfg.data.get("eval_max_size", 2560)) if cfg else 2560
   tta = inference.TTAConfig.from_scales((0.5, 0.75, 1.0, 1.25, 1.5, 1.75), min_size or 640, max_size) if args.tta else None

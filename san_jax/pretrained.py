@@ -56,7 +56,8 @@ class Pretrained:
   """A ready SAN (float32 parameters on the default device) and where it came from.
 
   model: the `san_jax.models.san.SAN`; config: its SANConfig; kind/origin: the source (see module doc);
-  step: the training step for a workdir; run_config: the training run's ConfigDict (workdir only);
+  step: the training step for a workdir; run_config: the training run's ConfigDict (a workdir, or a
+  parameters checkpoint written by convert.export_params);
   meta: the checkpoint's own config dict (num_classes etc.)."""
   model: Any
   config: Any
@@ -193,7 +194,11 @@ def _from_params_dir(path: str, config=None) -> Pretrained:
   cfg = san_lib.config_from_dict(meta["san_config"])
   if config is not None:
     check_geometry(as_san_config(config), cfg, path)
-  return Pretrained(model_from_params(flat, cfg), cfg, "params", os.path.abspath(path), meta=meta)
+  run_cfg = None
+  if isinstance(meta.get("run_config"), Mapping):  # convert.export_params keeps the run's config
+    from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+    run_cfg = ConfigDict(meta["run_config"])
+  return Pretrained(model_from_params(flat, cfg), cfg, "params", os.path.abspath(path), run_config=run_cfg, meta=meta)
 
 
 def _pth_config(path: Path, sd, config):
