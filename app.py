@@ -63,6 +63,7 @@ class SegmentApp:
     self.default_model = default_model
     self.min_size, self.max_size = min_size, max_size
     self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="san_app_"))
+    self.out_dir.mkdir(parents=True, exist_ok=True)
     self._loaded: Dict[str, Tuple[object, object, int]] = {}
     self._count = 0
 
