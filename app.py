@@ -145,6 +145,9 @@ def build_ui(state: SegmentApp):
 
   with gr.Blocks(title="SAN open-vocabulary segmentation", analytics_enabled=False) as ui:
     gr.Markdown("## SAN: open-vocabulary semantic segmentation\nUpload an image, type class names, press Segment.")
+    from san_jax import pretrained
+    if state.default_model not in pretrained.MODEL_NAMES and not os.path.exists(state.default_model):
+      gr.Markdown(f"**{missing_model_message(state.default_model)}**", elem_id="san-missing-model")
     with gr.Row():
       with gr.Column():
         image = gr.Image(type="numpy", label="image", elem_id="san-input", sources=["upload", "clipboard"], height=360)

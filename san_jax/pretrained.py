@@ -201,7 +201,7 @@ def _from_params_dir(path: str, config=None) -> Pretrained:
   return Pretrained(model_from_params(flat, cfg), cfg, "params", os.path.abspath(path), run_config=run_cfg, meta=meta)
 
 
-def _pth_config(path: Path, sd, config):
+def _pth_config(path: Path, sd, config, base=None):
   from convert import san_checkpoint as sc  # pylint: disable=g-import-not-at-top
   case = path.parent / "case.json"
   if case.is_file():  # a golden case (DESIGN §4): its official cfg, CLIP config and side-ViT kwargs
@@ -214,11 +214,13 @@ def _pth_config(path: Path, sd, config):
     return cfg
   if config is not None:
     return as_san_config(config)
-  return sc.config_from_weights(sd, sc.default_config_for(sd))
+  return sc.config_from_weights(sd, as_san_config(base) if base is not None else sc.default_config_for(sd))
 
 
-def convert_pth(path: str, config=None) -> Tuple[Dict, Any, Dict]:
-  """(flat params, SANConfig, buffer info) of an official .pth (see `_pth_config` for the geometry)."""
+def convert_pth(path: str, config=None, base=None) -> Tuple[Dict, Any, Dict]:
+  """(flat params, SANConfig, buffer info) of an official .pth. The geometry: a golden case's case.json
+  beside it, else `config`, else inferred from the keys on top of `base` (a named config; default: the
+  official one of the checkpoint's CLIP width)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from convert import mapping  # pylint: disable=g-import-not-at-top
   from convert import san_checkpoint as sc  # pylint: disable=g-import-not-at-top
@@ -233,7 +235,7 @@ def convert_pth(path: str, config=None) -> Tuple[Dict, Any, Dict]:
     raise PretrainedError(f"{path}: a CLIP checkpoint (open_clip keys), not a SAN; as a SAN's CLIP it goes in "
                           "train.init_from after python -m convert.clip_checkpoint")
   try:
-    cfg = _pth_config(Path(path), sd, config)
+    cfg = _pth_config(Path(path), sd, config, base)
     model = nnx.eval_shape(lambda: san_lib.SAN(cfg, rngs=nnx.Rngs(0)))
     flat = sc.official_to_flat(sd, cfg, params_lib.param_shapes(model))
   except mapping.ConversionError as e:
@@ -293,10 +295,7 @@ def resolve_name(name: str) -> str:
   pth = hub_download(HUB_REPO, MODEL_NAMES[name])
   out = converted_dir(pth)
   if not os.path.isdir(out):
-    from convert import san_checkpoint as sc  # pylint: disable=g-import-not-at-top
-    sd = sc.load_torch_state_dict(pth)
-    cfg = sc.config_from_weights(sd, san_lib.san_config(name))
-    flat, cfg, info = convert_pth(pth, cfg)
+    flat, cfg, info = convert_pth(pth, base=name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     checkpoint.save_params(out, flat, {"san_config": san_lib.config_to_dict(cfg), "source": f"{HUB_REPO}/"
                                        f"{MODEL_NAMES[name]}", **info})
@@ -349,8 +348,8 @@ def resolve_clip(name: str) -> str:
 
 
 # ---- training runs ------------------------------------------------------------------------------------------
-def run_config(workdir: str, step: Optional[int] = None):
-  """The run's ConfigDict: the one saved with `step` (or config.json when the step holds none)."""
+def run_config(workdir: str):
+  """The run's ConfigDict (WORKDIR/config.json, which training writes before its first step)."""
   from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
   path = Path(workdir) / "config.json"
   if not path.is_file():

@@ -94,6 +94,24 @@ def test_training_run_gives_the_trainers_own_model(tiny_run):
     pretrained.load(str(tiny_run), kind="params")
 
 
+@pytest.mark.slow
+def test_a_damaged_latest_step_falls_back_to_the_one_before_and_is_kept(tiny_run, tmp_path, caplog):
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(tiny_run, run)
+  for root, _, files in os.walk(run / "checkpoints" / "2" / "state"):  # damage every data file of step 2
+    for f in files:
+      if f.startswith("d") or "ocdbt" in root:
+        Path(root, f).write_bytes(b"garbage")
+  want = _flat(pretrained.load(str(tiny_run), step=1).model)
+  p = pretrained.load(str(run))
+  assert p.step == 1 and all(np.array_equal(v, want[k]) for k, v in _flat(p.model).items())
+  assert any("step 2" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+  assert (run / "checkpoints" / "2").is_dir()  # never deleted
+  with pytest.raises(pretrained.PretrainedError, match="step 2 is unreadable"):
+    pretrained.load(str(run), step=2)
+
+
 def test_geometry_inferred_from_keys_is_the_official_one_for_both_real_checkpoints():
   """The official configs are the reference; the key layout comes from the manifests of the real files."""
   from convert import san_checkpoint as sc
