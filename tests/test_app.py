@@ -4,20 +4,16 @@ vocabulary cache, and the message when the default model has not been made yet."
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import app  # noqa: E402  (the repository root is not a package)
-from configs import tiny  # noqa: E402
-from san_jax import checkpoint, pretrained  # noqa: E402
-from san_jax.data import shapes  # noqa: E402
+import app
+from configs import tiny
+from san_jax import checkpoint, pretrained
+from san_jax.data import shapes
 
 
 def test_missing_default_model_names_the_command_that_makes_it(tmp_path, monkeypatch):
