@@ -197,7 +197,7 @@ def test_init_from_accepts_a_model_name(tmp_path, monkeypatch, no_network):
   assert set(got) == set(flat) and all(np.array_equal(got[k], flat[k]) for k in flat)
 
 
-def test_init_from_a_hugging_face_clip_id_through_the_hub_cache(tmp_path, monkeypatch, no_network):
+def test_init_from_a_clip_by_hugging_face_id_or_open_clip_name_through_the_hub_cache(tmp_path, monkeypatch, no_network):
   """train.init_from = "org/name" (a Hugging Face CLIPModel: config.json + model.safetensors in the Hub
   cache the test builds, written by the HF exporter) sets SAN's CLIP image and text towers."""
   from flax import nnx
@@ -217,3 +217,14 @@ def test_init_from_a_hugging_face_clip_id_through_the_hub_cache(tmp_path, monkey
   assert len(got) == len(flat)
   with pytest.raises(pretrained.PretrainedError, match="nor is there a local checkpoint"):
     loop.load_init_params("someorg/not-there")
+  # by open_clip name: the open_clip state dict in the repository open_clip downloads "ViT-B-16/openai" from
+  # (open_clip files carry no config: heads follow OpenAI's width // 64, so this CLIP has 64-wide heads)
+  ocfg = dataclasses.replace(ccfg, vision=dataclasses.replace(ccfg.vision, width=128, heads=2, layers=1),
+                             text=dataclasses.replace(ccfg.text, width=64, heads=1, layers=1, output_dim=32))
+  oflat = _flat(clip_lib.CLIP(ocfg, rngs=nnx.Rngs(5)))
+  repo, filename = pretrained.CLIP_NAMES["ViT-B-16/openai"]
+  cc.save_torch_state_dict(cc.nnx_to_open_clip(oflat, ocfg), tmp_path / filename)
+  _hub_cache(tmp_path / "hub", filename, (tmp_path / filename).read_bytes(), repo)
+  got = loop.load_init_params("ViT-B-16/openai")
+  np.testing.assert_array_equal(got[("clip_visual", "conv1", "kernel")], oflat[("visual", "conv1", "kernel")])
+  assert len(got) == len(oflat)
