@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -111,14 +110,13 @@ def chance_level(source, num_classes: int, subsets: Dict[str, Sequence[int]], dr
 def evaluate(cfg, workdir: Path):
   """(results, chance, segmenter, val source) on the validation scenes of all 48 classes; mIoU in percent,
   as detectron2 reports it."""
-  sys.path.insert(0, str(Path(__file__).resolve().parent))
-  from eval import load_workdir_model  # the same restore as `python eval.py --workdir`
+  from san_jax import pretrained  # the same restore as `python eval.py --workdir`
   from san_jax.data import shapes
-  from san_jax.evaluation import inference, runner
+  from san_jax.evaluation import runner
   say(f"[3/3] evaluating on {cfg.data.shapes_num_val} validation scenes, prompted with all "
       f"{len(shapes.class_names())} class names")
-  model, step = load_workdir_model(str(workdir / "san"), cfg)
-  seg = inference.Segmenter(model)
+  loaded = pretrained.load(str(workdir / "san"), kind="workdir", config=cfg.model)
+  seg, step = loaded.segmenter(), loaded.step
   options = runner.EvalOptions.from_config(cfg)
   source = runner.make_source("shapes", options)  # the demo's scenes (its shapes_* keys), all 48 classes
   res = runner.evaluate(seg, "shapes", options=options, source=source, out_dir=str(workdir),

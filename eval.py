@@ -3,6 +3,7 @@
   python eval.py --checkpoint /ckpt/san_vit_b16 --data_dir ~/tfds \
       --datasets coco_stuff_171,ade20k_150,ade20k_847,pcontext_59,pcontext_459,voc_20 --out results/
   python eval.py --workdir runs/tiny                       # a training run: its config and latest checkpoint
+  python eval.py --model san_vit_b16 --data_dir ~/tfds --datasets ade20k_150   # official weights by name
   python eval.py --config configs/tiny.py --checkpoint /tmp/p --datasets shapes --config.eval.tta=True
 
 Each data set is prompted with its own vocabulary. Evaluation options (batch size, test resize, TTA,
@@ -31,7 +32,13 @@ def _define_flags(fv: flags.FlagValues, argv: List[str]):
                                                 flag_values=fv, lock_config=False, sys_argv=argv)
   f["workdir"] = flags.DEFINE_string("workdir", None, "a training run directory (config.json + checkpoints)",
                                      flag_values=fv)
-  f["checkpoint"] = flags.DEFINE_string("checkpoint", None, "a SAN parameters checkpoint directory", flag_values=fv)
+  f["checkpoint"] = flags.DEFINE_string("checkpoint", None, "a SAN parameters checkpoint directory or an official "
+                                        ".pth", flag_values=fv)
+  f["model"] = flags.DEFINE_string("model", None, "any model source san_jax.pretrained loads: san_vit_b16 | "
+                                   "san_vit_l14 (Hugging Face Hub), a .pth, a params checkpoint, a run directory",
+                                   flag_values=fv)
+  f["step"] = flags.DEFINE_integer("step", None, "with --workdir: evaluate this saved step (default: the latest)",
+                                   flag_values=fv)
   f["datasets"] = flags.DEFINE_list("datasets", None, "comma-separated data set names (default: the config's "
                                     "data.eval_datasets, else coco_stuff_171)", flag_values=fv)
   f["data_dir"] = flags.DEFINE_string("data_dir", None, "where the built data sets are (default: "
@@ -45,37 +52,6 @@ def _define_flags(fv: flags.FlagValues, argv: List[str]):
   f["tta"] = flags.DEFINE_boolean("tta", None, "multi-scale + flip test-time augmentation", flag_values=fv)
   f["sliding_window"] = flags.DEFINE_boolean("sliding_window", None, "sliding-window inference", flag_values=fv)
   return f
-
-
-def load_workdir_model(workdir: str, cfg: ConfigDict):
-  """(float32 SAN with the run's latest trained parameters, step). Frozen parameters are rebuilt the way
-  training builds them (train.init_from, else the seed), as the train checkpoints do not hold them."""
-  import jax
-  import numpy as np
-  from san_jax import checkpoint
-  from san_jax.evaluation import inference
-  from san_jax.models import params as params_lib
-  from san_jax.models import san as san_lib
-  if not hasattr(checkpoint, "TrainCheckpoints"):
-    raise NotImplementedError("--workdir needs san_jax.checkpoint.TrainCheckpoints (train-state checkpoints), "
-                              "which is not available yet; evaluate a parameters checkpoint with --checkpoint")
-  from san_jax.train import loop, sharding, steps
-  model_cfg = san_lib.config_from_dict(cfg.model.to_dict())
-  mesh = sharding.make_mesh(cfg.mesh.shape.to_dict())
-  trainer = steps.Trainer(model_cfg, cfg.train, mesh, [tuple(r) for r in cfg.mesh.rules], num_classes=1)
-  init_params = loop._load_init_params(cfg.train.init_from) if cfg.train.get("init_from") else None  # pylint: disable=protected-access
-  state, frozen = trainer.init(jax.random.key(cfg.train.seed), init_params)
-  ckpts = checkpoint.TrainCheckpoints(Path(workdir) / "checkpoints", keep=cfg.train.get("keep_checkpoints", 3))
-  try:
-    restored = ckpts.restore_latest(state)
-  finally:
-    ckpts.close()
-  if restored is None:
-    raise FileNotFoundError(f"no train checkpoint under {Path(workdir) / 'checkpoints'}")
-  state = restored[0]
-  flat = params_lib.flat_params(trainer.model(state, frozen))
-  flat = {p: np.asarray(v, np.float32) for p, v in inference._host_local(flat).items()}  # pylint: disable=protected-access
-  return inference.model_from_params(flat, san_lib.config_to_dict(model_cfg)), int(jax.device_get(state["step"]))
 
 
 def _run_config(f) -> Optional[ConfigDict]:
@@ -96,14 +72,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(__doc__ + "\nflags:\n" + fv.get_help())
     return 0
   fv(["eval.py"] + argv)
-  if bool(f["workdir"].value) == bool(f["checkpoint"].value):
-    print("eval.py: give exactly one of --workdir and --checkpoint", file=sys.stderr)
+  sources = [k for k in ("workdir", "checkpoint", "model") if f[k].value]
+  if len(sources) != 1:
+    print("eval.py: give exactly one of --workdir, --checkpoint and --model", file=sys.stderr)
     return 2
   logging.basicConfig(level=logging.WARNING)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore step at INFO
 
-  from san_jax.evaluation import inference, runner
+  from san_jax.evaluation import runner
   cfg = _run_config(f)
   overrides = dict(batch_size=f["batch_size"].value, max_examples=f["max_examples"].value, tta=f["tta"].value,
                    sliding_window=f["sliding_window"].value)
@@ -118,14 +95,16 @@ def main(argv: Optional[List[str]] = None) -> int:
   data_dir = f["data_dir"].value or (cfg.data.get("data_dir", "") if cfg is not None else "") or None
   out = f["out"].value or (os.path.join(f["workdir"].value, "eval") if f["workdir"].value else "eval_results")
 
-  if f["workdir"].value:
-    model, step = load_workdir_model(f["workdir"].value, cfg)
-    extra = {"workdir": os.path.abspath(f["workdir"].value), "step": step}
-  else:
-    model = inference.load_checkpoint(f["checkpoint"].value)
-    extra = {"checkpoint": os.path.abspath(f["checkpoint"].value)}
-  seg = inference.Segmenter(model, canvas_multiple=options.canvas_multiple or None,
-                            output_multiple=options.output_multiple)
+  from san_jax import pretrained
+  kind = {"workdir": "workdir", "checkpoint": "params", "model": None}[sources[0]]
+  try:  # --config's model geometry (when given) must be the weights'
+    loaded = pretrained.load(f[sources[0]].value, step=f["step"].value, kind=kind,
+                             config=f["config"].value.get("model") if f["config"].value is not None else None)
+  except pretrained.PretrainedError as e:
+    print(f"eval.py: {e}", file=sys.stderr)
+    return 2
+  extra = {sources[0]: loaded.origin, **({"step": loaded.step} if loaded.step is not None else {})}
+  seg = loaded.segmenter(canvas_multiple=options.canvas_multiple or None, output_multiple=options.output_multiple)
   rows = []
   for name in datasets:
     res = runner.evaluate(seg, name, options=options, data_dir=data_dir, out_dir=out, extra=extra,

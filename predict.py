@@ -2,6 +2,8 @@
 
   python predict.py --checkpoint /ckpt/san_vit_b16 --vocab "cat, dog, grass" --image photo.jpg --out out/
   python predict.py --checkpoint /ckpt/san_vit_b16 --vocab-file classes.txt --image photos/ --recursive --out out/
+  python predict.py --model san_vit_b16 --vocab "cat, dog, grass" --image photo.jpg --out out/   # Hugging Face Hub
+  python predict.py --workdir runs/demo/san --vocab "red circle, blue square" --image x.png --out out/  # a training run
   python predict.py --config configs/tiny.py --random-init --vocab "a, b" --image x.png --out /tmp/o   # smoke test
 
 For every image, in OUT (mirroring the input folder's layout):
@@ -34,19 +36,24 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
-AUG_VOCABS = {"coco_all": "coco_all", "coco-all": "coco_all", "coco_stuff": "coco_stuff", "coco-stuff": "coco_stuff"}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   ap = argparse.ArgumentParser(prog="predict.py", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   src = ap.add_mutually_exclusive_group(required=True)
-  src.add_argument("--checkpoint", help="a SAN parameters checkpoint directory")
+  src.add_argument("--checkpoint", help="a SAN parameters checkpoint directory or an official .pth")
+  src.add_argument("--workdir", help="a training run directory (config.json + checkpoints/): its latest step, "
+                   "or --step")
+  src.add_argument("--model", help="any source san_jax.pretrained loads: san_vit_b16 | san_vit_l14 (official "
+                   "weights from the Hugging Face Hub), a .pth, a params checkpoint, a run directory")
   src.add_argument("--random-init", action="store_true", help="random weights (needs --config): smoke tests")
   ap.add_argument("--config", help="a configs/*.py file (model geometry for --random-init; test resize)")
   ap.add_argument("--seed", type=int, default=0, help="seed of --random-init")
+  ap.add_argument("--step", type=int, default=None, help="with --workdir: the saved step (default: the latest)")
   ap.add_argument("--vocab", default="", help='class names, comma separated: "cat, dog, grass"')
   ap.add_argument("--vocab-file", help="class names, one per line ('#' comments)")
+  from san_jax.data.vocabularies import AUG_VOCABS
   ap.add_argument("--aug-vocab", choices=sorted(AUG_VOCABS), type=str.lower,
                   help="append COCO-Stuff class names (all 171, or the 91 stuff classes)")
   ap.add_argument("--image", required=True, help="an image file or a folder of images")
@@ -63,6 +70,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   args = ap.parse_args(list(argv))
   if args.random_init and not args.config:
     ap.error("--random-init needs --config (the model geometry)")
+  if args.step is not None and not args.workdir:
+    ap.error("--step applies to --workdir")
   if not args.vocab.strip() and not args.vocab_file:
     ap.error("give the classes with --vocab and/or --vocab-file")
   return args
@@ -89,12 +98,7 @@ def build_vocabulary(args) -> Tuple[Tuple[str, ...], int]:
   if args.vocab_file:
     names += classifier.read_vocabulary_file(args.vocab_file)
   user = classifier.validate_vocabulary(names)
-  if not args.aug_vocab:
-    return user, len(user)
-  coco = vocabularies.get_vocabulary("coco_stuff_171")
-  extra = coco if AUG_VOCABS[args.aug_vocab] == "coco_all" else coco[80:]  # ids 80.. are the 91 stuff classes
-  taken = {" ".join(n.lower().split()) for n in user}
-  return user + tuple(n for n in extra if " ".join(n.lower().split()) not in taken), len(user)
+  return vocabularies.augmented(user, args.aug_vocab), len(user)
 
 
 def find_images(root: str, recursive: bool) -> Tuple[Path, List[Path]]:
@@ -133,10 +137,14 @@ def areas(labels: np.ndarray, names: Sequence[str], num_user: int) -> List[dict]
 
 
 def build_model(args, cfg):
-  from san_jax.evaluation import inference
+  """The SAN of --checkpoint / --workdir / --model / --random-init, through san_jax.pretrained (a --config's
+  model geometry, when given, must be the weights')."""
+  from san_jax import pretrained
   if args.random_init:  # numpy-drawn weights: a smoke test needs no real initialisation (see quick_random_params)
-    return inference.model_from_params(*inference.quick_random_params(cfg.model, seed=args.seed))
-  return inference.load_checkpoint(args.checkpoint)
+    return pretrained.random(cfg.model, seed=args.seed)
+  source, kind = ((args.checkpoint, "params") if args.checkpoint else (args.workdir, "workdir") if args.workdir
+                  else (args.model, None))
+  return pretrained.load(source, step=args.step, kind=kind, config=cfg.model if cfg is not None else None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -158,6 +166,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           file=sys.stderr)
     return 1
   cfg = load_config(args.config) if args.config else None
+  from san_jax import pretrained
+  try:
+    loaded = build_model(args, cfg)
+  except pretrained.PretrainedError as e:
+    print(f"predict.py: {e}", file=sys.stderr)
+    return 2
+  if cfg is None and loaded.run_config is not None:
+    cfg = loaded.run_config  # a training run's test resize (a run, or its convert.export_params checkpoint)
   min_size = args.min_size if args.min_size is not None else int(cfg.data.get("eval_min_size", 640)) if cfg else 640
   max_size = args.max_size if args.max_size is not None else int(cfg.data.get("eval_max_size", 2560)) if cfg else 2560
   tta = inference.TTAConfig.from_scales(inference.SAN_TTA_SCALES, min_size or 640, max_size) if args.tta else None
@@ -165,7 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   print(f"vocabulary: {len(names)} classes ({num_user} given" +
         (f", {len(names) - num_user} from {args.aug_vocab})" if args.aug_vocab else ")"), flush=True)
-  segmenter = inference.Segmenter(build_model(args, cfg))
+  print(f"model: {loaded.describe()}", flush=True)
+  segmenter = loaded.segmenter()
   segmenter.class_embeddings(names)  # text features once, up front
   colors = viz.palette(len(names))
   out_root = Path(args.out)

@@ -288,6 +288,63 @@ def default_config_for(sd: Mapping[str, np.ndarray]) -> SANConfig:
   return {768: san_config("san_vit_b16"), 1024: san_config("san_vit_l14")}.get(width) or _no_default(width)
 
 
+def config_from_weights(sd: Mapping[str, np.ndarray], base: SANConfig) -> SANConfig:
+  """`base` with every field that the whole-SAN state dict determines taken from the weights: CLIP and side
+  widths, depths, patch and grid sizes, MLP ratios, output dims, vocabulary and context sizes, query count,
+  the split point, attention-bias sizes and the side blocks receiving CLIP features. What weights cannot
+  tell (head counts, which CLIP layer feeds each fused block, deep-supervision indices, CLIP resolution)
+  stays `base`'s; `check_config_against_weights` then verifies the result, and an inconsistent remainder
+  (e.g. a fusion reading a CLIP layer past the split) raises naming it."""
+  need = [f"{VISUAL}conv1.weight", f"{REC}proj", f"{TEXT}token_embedding.weight", f"{SIDE}query_embed"]
+  missing = [k for k in need if k not in sd]
+  if missing:
+    raise m.ConversionError(f"not a whole-SAN state dict: no {missing}")
+  v, t, sa = base.clip.vision, base.clip.text, base.side
+  width, _, patch, _ = sd[f"{VISUAL}conv1.weight"].shape
+  grid = int(round(math.sqrt(sd[f"{VISUAL}positional_embedding"].shape[0] - 1)))
+  k = _count(sd, rf"{re.escape(VISUAL)}resblocks\.(\d+)\.")
+  vision = dataclasses.replace(
+      v, image_size=grid * patch, patch_size=int(patch), width=int(width),
+      layers=k + _count(sd, rf"{re.escape(REC)}resblocks\.(\d+)\."), output_dim=int(sd[f"{REC}proj"].shape[1]),
+      mlp_ratio=sd[f"{VISUAL}resblocks.0.mlp.c_fc.weight"].shape[0] / width)
+  vocab, tw = sd[f"{TEXT}token_embedding.weight"].shape
+  text = dataclasses.replace(
+      t, vocab_size=int(vocab), width=int(tw), context_length=int(sd[f"{TEXT}positional_embedding"].shape[0]),
+      layers=_count(sd, rf"{re.escape(TEXT)}transformer\.resblocks\.(\d+)\."),
+      output_dim=int(sd[f"{TEXT}text_projection"].shape[1]),
+      mlp_ratio=sd[f"{TEXT}transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / tw)
+  _, queries, sw = sd[f"{SIDE}query_embed"].shape
+  sp = sd[f"{SIDE}vit_model.patch_embed.proj.weight"].shape[-1]
+  fused = sorted(int(re.match(rf"{re.escape(SIDE)}fusion_layers\.layer_(\d+)\.", key).group(1))
+                 for key in sd if key.startswith(f"{SIDE}fusion_layers.") and key.endswith("input_proj.0.weight"))
+  base_blocks = [j for _, j in sa.fusion_map]
+  if len(fused) != len(base_blocks):
+    raise m.ConversionError(f"the weights fuse CLIP features into side blocks {fused}, the config "
+                            f"{len(base_blocks)} blocks {base_blocks}: which CLIP layer feeds which block cannot "
+                            f"be read from the weights; pass a config")
+  mlp_layers = _count(sd, rf"{re.escape(SIDE)}mask_decoder\.query_mlp\.layers\.(\d+)\.")
+  embed = sd[f"{SIDE}mask_decoder.query_mlp.layers.{mlp_layers - 1}.weight"].shape[0]
+  hidden = sd[f"{SIDE}mask_decoder.query_mlp.layers.0.weight"].shape[0] if mlp_layers > 1 else sa.attn_bias_mlp
+  attn_out = sd[f"{SIDE}mask_decoder.attn_mlp.layers.{mlp_layers - 1}.weight"].shape[0]
+  side = dataclasses.replace(
+      sa, image_size=int(round(math.sqrt(sd[f"{SIDE}vit_model.pos_embed"].shape[1]))) * sp, patch_size=int(sp),
+      width=int(sw), depth=_count(sd, rf"{re.escape(SIDE)}vit_model\.blocks\.(\d+)\."), num_queries=int(queries),
+      mlp_ratio=sd[f"{SIDE}vit_model.blocks.0.mlp.fc1.weight"].shape[0] / sw, clip_width=int(width),
+      fusion_map=tuple((i, j) for (i, _), j in zip(sa.fusion_map, fused)),
+      attn_bias_heads=int(attn_out // (sa.attn_bias_layers * embed)), attn_bias_embed=int(embed),
+      attn_bias_mlp=int(hidden), attn_bias_mlp_layers=mlp_layers,
+      rescale_attn_bias=f"{SIDE}mask_decoder.bias_scaling.weight" in sd)
+  cfg = dataclasses.replace(base, clip=dataclasses.replace(base.clip, vision=vision, text=text), side=side,
+                            feature_last_layer_idx=k)
+  try:
+    cfg.validate()
+  except ValueError as e:
+    raise m.ConversionError(f"the geometry read from the weights does not fit the config's remaining "
+                            f"settings: {e}") from e
+  check_config_against_weights(sd, cfg)
+  return cfg
+
+
 def _no_default(width):
   raise m.ConversionError(f"no official SAN config has CLIP width {width}; pass --config")
 

@@ -359,3 +359,28 @@ def _abstract_leaf(x):
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def restore_train_params(directory: str | os.PathLike, step: int) -> FlatParams:
+  """The trainable parameters of train-state step `step` of the run checkpoints under `directory`, as
+  {path tuple: np.ndarray} on the host, read alone: orbax's partial restore skips the optimizer state,
+  so evaluating or exporting a run needs no optimizer (and no mesh: the arrays come back on one CPU
+  device whatever sharding they were saved with)."""
+  import jax
+
+  path = os.path.join(os.path.abspath(os.fspath(directory)), str(int(step)), STATE_ITEM)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no train-state checkpoint at {path}")
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path).item_metadata.tree
+  if not isinstance(tree, Mapping) or "params" not in tree:
+    raise ValueError(f"{path}: a train state has a 'params' item; found {sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__}")
+  dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree["params"])
+  args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=dev, global_shape=a.shape, dtype=a.dtype), abstract)
+  restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(item={"params": abstract}, restore_args={"params": args},
+                                                               partial_restore=True))
+  out: FlatParams = {}
+  for p, v in _unnest(restored["params"]).items():
+    out[p[:-1] if p and p[-1] == "value" else p] = v  # an NNX Variable is stored as {"value": array}
+  return out

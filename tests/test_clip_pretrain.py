@@ -142,8 +142,8 @@ def test_pretrained_checkpoint_initialises_san(tmp_path):
     assert 0.0 <= summary[key] <= 1.0
   flat = loop._load_init_params(str(tmp_path / "clip"))  # pylint: disable=protected-access
   from san_jax.models import params as params_lib
-  from san_jax.evaluation import inference
-  model = inference.random_model(cfg.model)
+  from san_jax import pretrained
+  model = pretrained.random_model(cfg.model)
   san_flat = params_lib.flat_params(model)
   clip_paths = {p for p in san_flat if p[0] == "clip_visual" or (p[0] == "ov_classifier" and p[1] != "bg_embed")}
   assert clip_paths and clip_paths <= set(flat), sorted(clip_paths - set(flat))[:5]

@@ -1,6 +1,6 @@
 """Evaluation: detectron2's SemSegEvaluator metrics, batched/TTA/sliding-window inference, eval.py end to end.
 
-Tiny config, random weights (numpy-drawn, see inference.quick_random_params), synthetic data.
+Tiny config, random weights (numpy-drawn, see pretrained.quick_random_params), synthetic data.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from san_jax import checkpoint
+from san_jax import checkpoint, pretrained
 from san_jax.data import shapes
 from san_jax.evaluation import inference, runner
 from san_jax.evaluation import sem_seg
@@ -129,12 +129,12 @@ def test_allreduce_halves_round_trip_large_counts():
 # ---- inference ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def params():
-  return inference.quick_random_params(tiny.get_config().model, seed=0)
+  return pretrained.quick_random_params(tiny.get_config().model, seed=0)
 
 
 @pytest.fixture(scope="module")
 def segmenter(params):
-  return inference.Segmenter(inference.model_from_params(*params))
+  return inference.Segmenter(pretrained.model_from_params(*params))
 
 
 def _image(h, w, index=0):
@@ -235,9 +235,16 @@ def test_eval_cli_on_the_shapes_set(params, segmenter, tmp_path):
 def test_eval_cli_rejects_bad_arguments(params, tmp_path, capsys):
   import eval as eval_cli
   assert eval_cli.main(["--datasets", "shapes"]) == 2
-  assert "exactly one of --workdir and --checkpoint" in capsys.readouterr().err
+  assert "exactly one of --workdir, --checkpoint and --model" in capsys.readouterr().err
   assert eval_cli.main(["--checkpoint", str(tmp_path), "--datasets", "nope"]) == 2
   assert "unknown data sets ['nope']" in capsys.readouterr().err
+  # a config of another geometry than the checkpoint's: the differing keys, before any work
+  ckpt = checkpoint.save_params(tmp_path / "ckpt", params[0], {"san_config": params[1]})
+  assert eval_cli.main(["--config", "configs/tiny.py", "--config.model.side.width=96",
+                        "--config.model.side.num_queries=12", "--checkpoint", ckpt, "--datasets", "shapes"]) == 2
+  err = capsys.readouterr().err
+  assert "side.width: config 96, checkpoint 48" in err and "side.num_queries: config 12, checkpoint 8" in err
+  assert "Traceback" not in err
 
 
 def test_evaluate_with_tta_and_sliding_window_runs(segmenter):

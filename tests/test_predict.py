@@ -10,16 +10,15 @@ from PIL import Image
 
 import predict
 from configs import tiny
-from san_jax import checkpoint, viz
+from san_jax import checkpoint, pretrained, viz
 from san_jax.data import shapes
-from san_jax.evaluation import inference
 
 H, W = 128, 160  # short side 128: the tiny config's test resize keeps the size, so one compiled program
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-  flat, san_config = inference.quick_random_params(tiny.get_config().model, seed=0)
+  flat, san_config = pretrained.quick_random_params(tiny.get_config().model, seed=0)
   return checkpoint.save_params(tmp_path_factory.mktemp("ckpt") / "params", flat, {"san_config": san_config})
 
 
@@ -126,3 +125,40 @@ def test_viz_pictures():
   assert grid.width > 3 * W and grid.height > 2 * H
   key = viz.legend([(n, tuple(c)) for n, c in zip(names, colors)], max_height=200)
   assert key.height <= 200 and key.width > 100  # 48 names in several columns
+
+
+@pytest.mark.slow
+def test_predict_from_a_training_run_and_from_its_exported_params(tiny_run, tmp_path, capsys):
+  """predict.py --workdir RUN (the latest step, and --step 1), convert.export_params RUN OUT, then
+  predict.py --checkpoint OUT: the exported checkpoint gives the run's label maps bit for bit (the run's
+  model itself is checked against the trainer's own restore in test_pretrained)."""
+  from convert import export_params
+  rgb, _ = _scene()
+  Image.fromarray(rgb).save(tmp_path / "scene.png")
+  vocab = ["--vocab", "red circle, blue square, green triangle", "--image", str(tmp_path / "scene.png")]
+  assert predict.main(["--workdir", str(tiny_run), *vocab, "--out", str(tmp_path / "run")]) == 0
+  assert "(step 2)" in capsys.readouterr().out
+  assert predict.main(["--workdir", str(tiny_run), "--step", "1", *vocab, "--out", str(tmp_path / "run1")]) == 0
+  assert "(step 1)" in capsys.readouterr().out
+  assert export_params.main([str(tiny_run), str(tmp_path / "exported")]) == 0
+  meta = checkpoint.restore_params(tmp_path / "exported")[1]
+  assert meta["source"]["step"] == 2 and meta["run_config"]["train"]["steps"] == 2 and "san_config" in meta
+  assert export_params.main([str(tiny_run), str(tmp_path / "exported")]) == 2  # never overwrites
+  assert "exists" in capsys.readouterr().err
+  assert predict.main(["--checkpoint", str(tmp_path / "exported"), *vocab, "--out", str(tmp_path / "ckpt")]) == 0
+  a = np.asarray(Image.open(tmp_path / "run" / "scene_label.png"))
+  b = np.asarray(Image.open(tmp_path / "ckpt" / "scene_label.png"))
+  assert a.shape == (H, W) and np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_predict_names_the_kind_of_a_training_checkpoint_given_as_params(tiny_run, tmp_path, capsys):
+  rgb, _ = _scene()
+  Image.fromarray(rgb).save(tmp_path / "scene.png")
+  args = ["--vocab", "a, b", "--image", str(tmp_path / "scene.png"), "--out", str(tmp_path / "o")]
+  assert predict.main(["--checkpoint", str(tiny_run), *args]) == 2
+  err = capsys.readouterr().err
+  assert "is a training run directory, not a parameters checkpoint: pass it with --workdir" in err
+  assert predict.main(["--checkpoint", str(tiny_run / "checkpoints" / "2"), *args]) == 2
+  assert "train-state checkpoint" in capsys.readouterr().err
+  assert not (tmp_path / "o").exists()  # nothing written

@@ -71,7 +71,8 @@ def test_readme_has_commands_for_every_entry_point():
   programs = {program_of(c) for c in readme_commands()}
   for p in [("demo.py",), ("train.py",), ("eval.py",), ("predict.py",), ("-m", "convert.san_checkpoint"),
             ("-m", "convert.clip_checkpoint"), ("-m", "convert.check_parity"), ("-m", "benchmarks"),
-            ("-m", "san_jax.data.build"), ("-m", "pytest")]:
+            ("-m", "san_jax.data.build"), ("-m", "pytest"), ("app.py",), ("serve_export.py",),
+            ("-m", "convert.export_params"), ("-m", "san_jax.export")]:
     assert p in programs, f"the README shows no command for {' '.join(p)}"
 
 

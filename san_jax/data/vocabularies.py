@@ -17,7 +17,7 @@ part of the prompt. Sources:
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 COCO_STUFF_171: Tuple[str, ...] = (
     # 80 things
@@ -340,3 +340,21 @@ def get_vocabulary(name: str) -> Tuple[str, ...]:
     return VOCABULARIES[name]
   except KeyError:
     raise KeyError(f"unknown vocabulary {name!r}; known: {sorted(VOCABULARIES)}") from None
+
+
+AUG_VOCABS = {"coco_all": "coco_all", "coco-all": "coco_all", "coco_stuff": "coco_stuff", "coco-stuff": "coco_stuff"}
+
+
+def augmented(user: Sequence[str], aug: Optional[str]) -> Tuple[str, ...]:
+  """`user` + the COCO-Stuff-171 names (aug "coco_all": all 171; "coco_stuff": the 91 stuff classes, ids 80..)
+  not already in it (compared case- and space-insensitively), as SAN's demo does: everything else in the
+  scene then has a class of its own rather than being forced into one of the user's."""
+  user = tuple(user)
+  if not aug:
+    return user
+  if aug not in AUG_VOCABS:
+    raise ValueError(f"unknown vocabulary augmentation {aug!r}; known: {', '.join(sorted(AUG_VOCABS))}")
+  coco = get_vocabulary("coco_stuff_171")
+  extra = coco if AUG_VOCABS[aug] == "coco_all" else coco[80:]
+  taken = {" ".join(n.lower().split()) for n in user}
+  return user + tuple(n for n in extra if " ".join(n.lower().split()) not in taken)

@@ -139,9 +139,15 @@ def _format_eta(seconds: float) -> str:
   return f"{h:d}:{m:02d}:{s:02d}"
 
 
-def _load_init_params(path: str):
-  """A params-only checkpoint (convert.san_checkpoint or convert.clip_checkpoint output) -> flat params
+def load_init_params(path: str):
+  """A params-only checkpoint (convert.san_checkpoint or convert.clip_checkpoint output, or a name resolved
+  through `san_jax.pretrained`: `san_vit_b16`, a CLIP's "ViT-B-16/openai" or Hugging Face id) -> flat params
   for the SAN model; a CLIP checkpoint's `visual.*` / text leaves are mapped onto SAN's CLIP parts."""
+  from san_jax import pretrained  # pylint: disable=g-import-not-at-top
+  if path in pretrained.MODEL_NAMES:
+    path = pretrained.resolve_name(path)
+  elif pretrained.is_clip_name(path):
+    path = pretrained.resolve_clip(path)
   flat, meta = checkpoint.restore_params(path)
   if any(p[0] == "clip_visual" for p in flat):
     return flat
@@ -155,6 +161,9 @@ def _load_init_params(path: str):
   if not mapped:
     raise ValueError(f"{path}: neither a SAN nor a CLIP parameter checkpoint")
   return mapped
+
+
+_load_init_params = load_init_params  # the name the tests and older callers use
 
 
 def train(cfg, workdir: str) -> Dict[str, Any]:
@@ -182,7 +191,7 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
   source = make_source(cfg.data, cfg.data.train_split)
   names = class_names(source, cfg.data)
   trainer = steps.Trainer(model_cfg, t, mesh, rules, num_classes=len(names))
-  init_params = _load_init_params(t.init_from) if t.init_from else None
+  init_params = load_init_params(t.init_from) if t.init_from else None
   state, frozen = trainer.init(jax.random.key(t.seed), init_params)
 
   pipe = make_pipeline(source, cfg, jax.process_index(), jax.process_count())
