@@ -10,6 +10,15 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+# --dev: Debian's chromium for tests/test_app_browser.py (playwright drives it; no browser is ever downloaded
+# by pip or playwright). Installed with apt-get where this runs as root on Debian; elsewhere say how.
+if [ "${1:-}" = "--dev" ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup.sh: /usr/bin/chromium is missing (the browser test needs it): sudo apt-get install chromium" >&2
+  fi
+fi
 pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 stamp=.venv/.san_jax_setup
 want="$(cat requirements.txt requirements-dev.txt constraints.txt | sha1sum | cut -c1-12)${1:-}"

@@ -86,8 +86,8 @@ def _image_size_in_page(page, selector: str):
 def test_app_in_chromium(app_server, tmp_path):
   if not os.path.exists(CHROMIUM):
     if os.environ.get("CI"):
-      pytest.fail(f"{CHROMIUM} not installed: .ci/run installs Debian's chromium with apt-get")
-    pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium; .ci/run does)")
+      pytest.fail(f"{CHROMIUM} not installed: scripts/setup.sh --dev installs Debian's chromium with apt-get")
+    pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium; scripts/setup.sh --dev does as root)")
   from playwright.sync_api import sync_playwright
   from san_jax.data import shapes
   ex = shapes.render(1, split="val", spec=shapes.ShapesSpec(image_size=(H, W)))
