@@ -313,8 +313,10 @@ def test_validation_checks_mesh_data_sets_and_paths(tmp_path):
   cfg.data.data_dir = str(tmp_path)  # exists, but nothing was built there
   cfg.train.init_from = str(tmp_path / "missing")
   cfg.train.keep_checkpoints = 0
+  cfg.eval.evaluators = ["sem_seg", "panoptic"]
   problems = validate.train_config_problems(cfg, device_count=4, process_count=1)
-  assert len(problems) == 4, problems
+  assert len(problems) == 5, problems
+  assert "eval.evaluators[1]='panoptic': expected one of 'sem_seg'" in problems
   assert any("mesh.shape {'data': 1, 'fsdp': 3, 'model': 1} needs 3 devices, there are 4" in p for p in problems)
   assert any(p.startswith("data.train='ade20k_150': no built data set under") for p in problems)
   assert any(p.startswith("train.init_from=") and "no such directory" in p for p in problems)

@@ -23,6 +23,7 @@ OPTIMIZERS = ("adamw",)  # optim.make_optimizer
 SCHEDULES = ("poly",)  # optim.make_schedule
 DOWNSAMPLE_METHODS = ("max", "avg", "bilinear", "bicubic")  # rec_head.downsample_bias
 SOS_TOKEN_FORMATS = ("cls_token",)  # san.SANConfig (the only one implemented)
+EVALUATORS = ("sem_seg",)  # evaluation.runner (the only evaluator)
 SYNTHETIC_DATASET = "shapes"  # in memory (data.shapes), no data_dir needed
 
 
@@ -137,6 +138,11 @@ def train_config_problems(cfg, device_count: Optional[int] = None,
       problems.append(f"{key}={name!r}: unknown data set; expected one of {', '.join(known)}")
     elif name != SYNTHETIC_DATASET:
       problems.extend(_built_dataset_problems(key, name, data_dir))
+
+  # ---- eval ---------------------------------------------------------------------------------------
+  for i, name in enumerate(get("eval.evaluators", []) or []):
+    if name not in EVALUATORS:
+      problems.append(f"eval.evaluators[{i}]={name!r}: expected one of {', '.join(map(repr, EVALUATORS))}")
 
   # ---- mesh ---------------------------------------------------------------------------------------
   from san_jax.train import sharding
