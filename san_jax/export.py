@@ -44,11 +44,12 @@ def inference_fn(pretrained_model, class_emb, size: Tuple[int, int]):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from san_jax.models import san as san_lib  # pylint: disable=g-import-not-at-top
+  from san_jax.ops import resize  # pylint: disable=g-import-not-at-top
   model = pretrained_model.model
   cfg = model.cfg
   graphdef, state = nnx.split(model)
   h, w = (int(s) for s in size)
-  ph, pw = san_lib.padded_size((h, w), cfg.size_divisibility)
+  ph, pw = resize.padded_size((h, w), cfg.size_divisibility)
 
   def run(images):
     b = images.shape[0]
