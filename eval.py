@@ -9,7 +9,10 @@ Each data set is prompted with its own vocabulary. Evaluation options (batch siz
 sliding windows) come from the config's `eval`/`data` sections (--config, or the run's config.json with
 --workdir; defaults: SAN's test settings) and the flags below. Prints progress with an ETA, a table of
 the results, and writes OUT/eval_<dataset>.json with the per-class IoU and accuracy. On several hosts run
-the same command on each; every host evaluates its slice and host 0 writes the results.
+the same command on each (with --coordinator_address/--num_processes/--process_id where JAX does not
+detect the cluster; `python -m san_jax.launch --processes N -- eval.py ...` on one machine): every host
+evaluates its slice of the split, the confusion matrices are summed over hosts, and process 0 alone
+writes the results, which are those of one process.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def _define_flags(fv: flags.FlagValues, argv: List[str]):
                                            flag_values=fv)
   f["tta"] = flags.DEFINE_boolean("tta", None, "multi-scale + flip test-time augmentation", flag_values=fv)
   f["sliding_window"] = flags.DEFINE_boolean("sliding_window", None, "sliding-window inference", flag_values=fv)
+  from san_jax import launch  # pylint: disable=g-import-not-at-top
+  f["distributed"] = launch.add_distributed_flags(fv)
   return f
 
 
@@ -103,8 +108,16 @@ def main(argv: Optional[List[str]] = None) -> int:
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore step at INFO
 
+  from san_jax import launch
   from san_jax.evaluation import inference, runner
+  from san_jax.train import sharding
   cfg = _run_config(f)
+  try:  # before anything touches the devices
+    launch.initialize_from_flags(f["distributed"], cfg)
+    sharding.check_processes_agree(cfg.to_dict() if cfg is not None else {}, "evaluation config")
+  except sharding.TopologyError as err:
+    print(f"eval.py: {err}", file=sys.stderr)
+    return 2
   overrides = dict(batch_size=f["batch_size"].value, max_examples=f["max_examples"].value, tta=f["tta"].value,
                    sliding_window=f["sliding_window"].value)
   options = (runner.EvalOptions.from_config(cfg, **overrides) if cfg is not None
@@ -124,17 +137,19 @@ def main(argv: Optional[List[str]] = None) -> int:
   else:
     model = inference.load_checkpoint(f["checkpoint"].value)
     extra = {"checkpoint": os.path.abspath(f["checkpoint"].value)}
+  import jax
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)  # one report for the whole run
   seg = inference.Segmenter(model, canvas_multiple=options.canvas_multiple or None,
                             output_multiple=options.output_multiple)
   rows = []
   for name in datasets:
     res = runner.evaluate(seg, name, options=options, data_dir=data_dir, out_dir=out, extra=extra,
-                          log=lambda s: print(s, flush=True))
+                          log=lambda s: say(s, flush=True))
     rows.append(res)
-    print(f"{name}: mIoU {res['mIoU']:.2f}  ({res['num_images']} images, {res['time_s']:.1f} s)", flush=True)
-  print()
-  print(runner.format_table(rows))
-  print(f"\nresults in {os.path.abspath(out)}/eval_<dataset>.json")
+    say(f"{name}: mIoU {res['mIoU']:.2f}  ({res['num_images']} images, {res['time_s']:.1f} s)", flush=True)
+  say()
+  say(runner.format_table(rows))
+  say(f"\nresults in {os.path.abspath(out)}/eval_<dataset>.json")
   return 0
 
 

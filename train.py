@@ -5,8 +5,10 @@
       --config.data.data_dir=gs://bucket/tfds --config.train.init_from=/path/to/converted_clip
 
 Resumes automatically from WORKDIR. Writes WORKDIR/metrics.jsonl, TensorBoard events under
-WORKDIR/tensorboard and checkpoints under WORKDIR/checkpoints. On a TPU pod run the same command on every
-host (`gcloud compute tpus tpu-vm ssh NAME --worker=all --command "..."`).
+WORKDIR/tensorboard and checkpoints under WORKDIR/checkpoints. Several processes: the same command on
+every host, with --coordinator_address/--num_processes/--process_id, or none of them where JAX detects
+the cluster (TPU pod: `gcloud compute tpus tpu-vm ssh NAME --worker=all --command "..."`; SLURM: `srun`);
+on one machine `python -m san_jax.launch --processes N -- train.py ...` rehearses it.
 """
 
 import logging
@@ -17,13 +19,19 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
 flags.mark_flags_as_required(["config", "workdir"])
+from san_jax import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
+_DISTRIBUTED = launch.add_distributed_flags()
 
 
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  from san_jax.train import loop
-  loop.train(_CONFIG.value, _WORKDIR.value)
+  from san_jax.train import loop, sharding
+  try:
+    launch.initialize_from_flags(_DISTRIBUTED, _CONFIG.value)
+    loop.train(_CONFIG.value, _WORKDIR.value)
+  except sharding.TopologyError as err:  # processes that cannot work together: one line, before any work
+    raise SystemExit(f"train.py: {err}") from None
 
 
 if __name__ == "__main__":

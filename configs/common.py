@@ -86,5 +86,14 @@ def evaluation() -> ml_collections.ConfigDict:
   ))
 
 
+def distributed() -> ml_collections.ConfigDict:
+  # jax.distributed timeouts (seconds). A process silent for heartbeat_timeout_s is declared dead and the
+  # others stop (JAX's default, 100 s, plus a 300 s shutdown wait, keeps survivors of a crash around for
+  # minutes); long compiles do not stop heartbeats, so a minute is safe.
+  return ml_collections.ConfigDict(dict(initialization_timeout_s=300, heartbeat_timeout_s=60,
+                                        shutdown_timeout_s=60))
+
+
 def base(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(model=model, train=train(), data=data(), mesh=mesh(), eval=evaluation()))
+  return ml_collections.ConfigDict(dict(model=model, train=train(), data=data(), mesh=mesh(), eval=evaluation(),
+                                        distributed=distributed()))

@@ -45,6 +45,7 @@ class CriterionConfig:
   num_points: int = 112 * 112
   oversample_ratio: float = 3.0
   importance_sample_ratio: float = 0.75
+  batch_axes: Tuple[str, ...] = ()  # mesh axes sharding the batch: the matcher's host work runs per shard
 
   @property
   def costs(self) -> matcher_lib.MatchCosts:
@@ -184,7 +185,7 @@ def set_criterion(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Ar
 
   def one_output(logits_i, masks_i, matcher_pts, oversample, random):
     match = matcher_lib.hungarian_match(logits_i, masks_i, targets["labels"], targets["masks"],
-                                        targets["valid"], matcher_pts, cfg.costs)
+                                        targets["valid"], matcher_pts, cfg.costs, cfg.batch_axes)
     ce = loss_labels(logits_i, targets["labels"], match, cfg.num_classes, cfg.eos_coef)
     bce, dsc, coords = loss_masks(masks_i, targets["masks"], match, num_masks, oversample, random, cfg)
     return {"loss_ce": ce, "loss_mask": bce, "loss_dice": dsc}, match, coords

@@ -141,13 +141,15 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes) training; returns the last logged metrics."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  sharding.initialize_distributed()
+  sharding.initialize_distributed(timeouts=cfg.get("distributed"))  # no-op when train.py did it
   is_main = jax.process_index() == 0
   t = cfg.train
   model_cfg = san_lib.config_from_dict(cfg.model.to_dict())
   mesh = sharding.make_mesh(cfg.mesh.shape.to_dict())
   rules = [tuple(r) for r in cfg.mesh.rules]
   run_config = json.loads(cfg.to_json_best_effort())
+  sharding.check_processes_agree(run_config)
+  sharding.check_batch_fits(mesh, rules, t.batch_size)
   if is_main:
     (workdir / "config.json").write_text(json.dumps(run_config, indent=1))
 
