@@ -128,7 +128,7 @@ def launch(command: Sequence[str], processes: int, devices: int = DEFAULT_DEVICE
   previous = {s: signal.signal(s, lambda signum, _: stop_all(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
   kill_at = None
   try:
-    while any(p.poll() is None for p in procs):
+    while [p.poll() for p in procs].count(None):  # poll every process (any() would stop at the first)
       failed = [j for j, p in enumerate(procs) if p.returncode not in (None, 0) and j not in stopped]
       if failed and kill_at is None:
         with lock:
