@@ -140,7 +140,7 @@ def loss_masks(pred_masks: jax.Array, target_masks: jax.Array, match: Mapping[st
   tgt = jnp.take_along_axis(target_masks, match["tgt_idx"][:, :, None, None], axis=1)
   coords = sampling.uncertain_points(
       src, sampling.calculate_uncertainty, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio,
-      oversample_coords=oversample, random_coords=random)  # [B, K, P, 2]
+      oversample_coords=oversample, random_coords=random, batch_axes=cfg.batch_axes)  # [B, K, P, 2]
   point_labels = jax.lax.stop_gradient(sampling.sample_points(tgt, coords))  # [B, K, P]
   point_logits = sampling.sample_points(src, coords)
   valid = match["valid"]

@@ -210,7 +210,8 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
           rate = f"{1 / dt:.2f} steps/s  {t.batch_size / dt:.1f} img/s" if rate_known else "rate ?"
           print(f"step {done}/{t.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  {rate}  "
                 f"ETA {_format_eta(dt * (t.steps - done))}", flush=True)
-      if done % t.checkpoint_every == 0 or done == t.steps or preempted["flag"]:
+      stop = _agreed_stop(preempted["flag"], done, t)
+      if done % t.checkpoint_every == 0 or done == t.steps or stop:
         if int(jax.device_get(state["nonfinite"])) > 0:
           _on_nonfinite(t.on_nonfinite, int(jax.device_get(state["last_nonfinite_step"])), {})
         ckpts.save(done, state, pipe.get_state(), run_config)
@@ -218,7 +219,7 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
         row = periodic_eval(trainer.model(state, frozen), done)
         writer.write({"step": done, **row})
         t_last, step_last = time.perf_counter(), done  # keep evaluation time out of the training rate
-      if preempted["flag"]:
+      if stop:
         log.warning("SIGTERM: saved step %d, exiting", done)
         break
   finally:
@@ -259,6 +260,19 @@ class PeriodicEval:
         if isinstance(res.get(k), (int, float)):
           row[f"eval/{name}/{k}"] = float(res[k])
     return row
+
+
+def _agreed_stop(flag: bool, step: int, t) -> bool:
+  """Whether to save and stop after `step` for a SIGTERM. One process: its own flag. Several: SIGTERMs reach
+  the hosts at different steps, and a host that saved alone would wait for the others in the checkpoint's
+  collectives, so the hosts agree (any host's flag) at the steps where they already synchronise for the
+  metrics (every train.log_every steps and the last one); a preemption is answered within log_every steps."""
+  if jax.process_count() == 1:
+    return flag
+  if step % t.log_every and step != t.steps:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
 
 
 def _on_nonfinite(mode: str, step: int, metrics: Dict[str, Any]):
