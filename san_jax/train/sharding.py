@@ -28,9 +28,8 @@ class TopologyError(ValueError):
   does not fit the mesh, a batch the hosts cannot share); the message is one line naming the problem."""
 
 
-# jax.distributed's defaults (heartbeat 100 s, shutdown 300 s) keep the survivors of a dead process waiting
-# minutes; configs/common.py `distributed` holds the values a run uses (seconds).
-DEFAULT_TIMEOUTS = {"initialization_timeout_s": 300, "heartbeat_timeout_s": 60, "shutdown_timeout_s": 60}
+# configs/common.py `distributed` holds the values a run uses (seconds); these are for configs without it.
+DEFAULT_TIMEOUTS = {"initialization_timeout_s": 300, "heartbeat_timeout_s": 100, "shutdown_timeout_s": 60}
 
 
 def detected_cluster() -> Optional[str]:
