@@ -10,7 +10,10 @@ Each data set is prompted with its own vocabulary. Evaluation options (batch siz
 sliding windows) come from the config's `eval`/`data` sections (--config, or the run's config.json with
 --workdir; defaults: SAN's test settings) and the flags below. Prints progress with an ETA, a table of
 the results, and writes OUT/eval_<dataset>.json with the per-class IoU and accuracy. On several hosts run
-the same command on each; every host evaluates its slice and host 0 writes the results.
+the same command on each (with --coordinator_address/--num_processes/--process_id where JAX does not
+detect the cluster; `python -m san_jax.launch --processes N -- eval.py ...` on one machine): every host
+evaluates its slice of the split, the confusion matrices are summed over hosts, and process 0 alone
+writes the results, which are those of one process.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def _define_flags(fv: flags.FlagValues, argv: List[str]):
                                            flag_values=fv)
   f["tta"] = flags.DEFINE_boolean("tta", None, "multi-scale + flip test-time augmentation", flag_values=fv)
   f["sliding_window"] = flags.DEFINE_boolean("sliding_window", None, "sliding-window inference", flag_values=fv)
+  from san_jax import launch  # pylint: disable=g-import-not-at-top
+  f["distributed"] = launch.add_distributed_flags(fv)
   return f
 
 
@@ -80,8 +85,16 @@ def main(argv: Optional[List[str]] = None) -> int:
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore step at INFO
 
+  from san_jax import launch, pretrained
   from san_jax.evaluation import runner
+  from san_jax.train import sharding
   cfg = _run_config(f)
+  try:  # before anything touches the devices
+    launch.initialize_from_flags(f["distributed"], cfg)
+    sharding.check_processes_agree(cfg.to_dict() if cfg is not None else {}, "evaluation config")
+  except sharding.TopologyError as err:
+    print(f"eval.py: {err}", file=sys.stderr)
+    return 2
   overrides = dict(batch_size=f["batch_size"].value, max_examples=f["max_examples"].value, tta=f["tta"].value,
                    sliding_window=f["sliding_window"].value)
   options = (runner.EvalOptions.from_config(cfg, **overrides) if cfg is not None
@@ -95,7 +108,6 @@ def main(argv: Optional[List[str]] = None) -> int:
   data_dir = f["data_dir"].value or (cfg.data.get("data_dir", "") if cfg is not None else "") or None
   out = f["out"].value or (os.path.join(f["workdir"].value, "eval") if f["workdir"].value else "eval_results")
 
-  from san_jax import pretrained
   kind = {"workdir": "workdir", "checkpoint": "params", "model": None}[sources[0]]
   try:  # --config's model geometry (when given) must be the weights'
     loaded = pretrained.load(f[sources[0]].value, step=f["step"].value, kind=kind,
@@ -104,16 +116,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"eval.py: {e}", file=sys.stderr)
     return 2
   extra = {sources[0]: loaded.origin, **({"step": loaded.step} if loaded.step is not None else {})}
+  import jax
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)  # one report for the whole run
   seg = loaded.segmenter(canvas_multiple=options.canvas_multiple or None, output_multiple=options.output_multiple)
   rows = []
   for name in datasets:
     res = runner.evaluate(seg, name, options=options, data_dir=data_dir, out_dir=out, extra=extra,
-                          log=lambda s: print(s, flush=True))
+                          log=lambda s: say(s, flush=True))
     rows.append(res)
-    print(f"{name}: mIoU {res['mIoU']:.2f}  ({res['num_images']} images, {res['time_s']:.1f} s)", flush=True)
-  print()
-  print(runner.format_table(rows))
-  print(f"\nresults in {os.path.abspath(out)}/eval_<dataset>.json")
+    say(f"{name}: mIoU {res['mIoU']:.2f}  ({res['num_images']} images, {res['time_s']:.1f} s)", flush=True)
+  say()
+  say(runner.format_table(rows))
+  say(f"\nresults in {os.path.abspath(out)}/eval_<dataset>.json")
   return 0
 
 

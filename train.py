@@ -5,15 +5,19 @@
       --config.data.data_dir=gs://bucket/tfds --config.train.init_from=/path/to/converted_clip
 
 Resumes automatically from WORKDIR. Writes WORKDIR/metrics.jsonl, TensorBoard events under
-WORKDIR/tensorboard and checkpoints under WORKDIR/checkpoints. On a TPU pod run the same command on every
-host (`gcloud compute tpus tpu-vm ssh NAME --worker=all --command "..."`).
+WORKDIR/tensorboard and checkpoints under WORKDIR/checkpoints. Several processes: the same command on
+every host, with --coordinator_address/--num_processes/--process_id, or none of them where JAX detects
+the cluster (TPU pod: `gcloud compute tpus tpu-vm ssh NAME --worker=all --command "..."`; SLURM: `srun`);
+on one machine `python -m san_jax.launch --processes N -- train.py ...` rehearses it.
 
 Exit status: 0 when train.steps are done; 143 (loop.PREEMPTED_EXIT_STATUS) after a SIGTERM, once the
 step it stopped at is saved (run the same command to resume); 1 with one error message for a config that
-cannot run, a workdir that is locked or holds another run or only unreadable checkpoints, or a failed save.
+cannot run, processes that cannot work together, a workdir that is locked or holds another run or only
+unreadable checkpoints, or a failed save.
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -22,21 +26,31 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
 flags.mark_flags_as_required(["config", "workdir"])
+from san_jax import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
+_DISTRIBUTED = launch.add_distributed_flags()
 
 
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from san_jax import checkpoint
-  from san_jax.train import loop, validate
+  from san_jax.train import loop, sharding, validate
   from san_jax.train import workdir as workdir_lib
   try:
+    launch.initialize_from_flags(_DISTRIBUTED, _CONFIG.value)
     loop.train(_CONFIG.value, _WORKDIR.value)
   except loop.Preempted as err:
     print(f"train.py: {err}", file=sys.stderr, flush=True)
     sys.exit(loop.PREEMPTED_EXIT_STATUS)
-  except (validate.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointSaveError) as err:
-    sys.exit(f"train.py: {err}")  # one message, exit status 1: what is wrong is named, no traceback
+  except (sharding.TopologyError, validate.ConfigError, workdir_lib.WorkdirError,
+          checkpoint.CheckpointSaveError) as err:
+    # One message, exit status 1: what is wrong is named, no traceback. os._exit: the message stays the last
+    # line (orbax's background threads can otherwise print teardown errors after it at interpreter exit);
+    # nothing is left to flush: the loop has closed its files and released the workdir lock.
+    print(f"train.py: {err}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

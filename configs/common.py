@@ -91,5 +91,15 @@ def evaluation() -> ml_collections.ConfigDict:
   ))
 
 
+def distributed() -> ml_collections.ConfigDict:
+  # jax.distributed timeouts (seconds). A process silent for heartbeat_timeout_s is declared dead and every
+  # process stops (no hang). 100 s is JAX's default: 60 s proved too short on an overloaded 2-core machine
+  # (heartbeats starved during a compile); the shutdown wait is cut from JAX's 300 s so that survivors of
+  # a crash exit within about heartbeat + shutdown. `python -m san_jax.launch` stops them at once anyway.
+  return ml_collections.ConfigDict(dict(initialization_timeout_s=300, heartbeat_timeout_s=100,
+                                        shutdown_timeout_s=60))
+
+
 def base(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(model=model, train=train(), data=data(), mesh=mesh(), eval=evaluation()))
+  return ml_collections.ConfigDict(dict(model=model, train=train(), data=data(), mesh=mesh(), eval=evaluation(),
+                                        distributed=distributed()))

@@ -41,6 +41,14 @@ def _python_commands(line: str) -> List[List[str]]:
   return out
 
 
+def _split_launcher(args: List[str]) -> List[List[str]]:
+  """`-m san_jax.launch ... -- SCRIPT ARGS`: the launcher's own flags and the script's, checked separately."""
+  if args[:2] == ["-m", "san_jax.launch"] and "--" in args:
+    i = args.index("--")
+    return [args[:i], args[i + 1:]]
+  return [args]
+
+
 def readme_commands() -> List[List[str]]:
   """Every python command of the README's bash blocks (continuations joined; commands inside quotes, such
   as the TPU pod's `--command "..."`, included), as argument lists starting at the program."""
@@ -49,7 +57,7 @@ def readme_commands() -> List[List[str]]:
     for line in block.replace("\\\n", " ").splitlines():
       line = line.split(" #")[0].strip()
       if line and not line.startswith("#"):
-        commands += _python_commands(line)
+        commands += [part for c in _python_commands(line) for part in _split_launcher(c)]
   return commands
 
 

@@ -4,13 +4,17 @@ Built on grain's MapDataset over any random-access source (a built data set from
 `tfds.data_source` split, or the in-memory `shapes.ShapesSource`): every element is a pure function of its
 position, so
 
-* each host reads a disjoint slice: host p of P takes source indices p, p + P, p + 2P, ... (training trims
-  the source to a multiple of P first, so every host has as many examples and the hosts stay in step);
-* a seed fixes the shuffle of every epoch and every augmentation draw; a host's draws are seeded with its
-  index too, so hosts do not repeat each other's crops and flips step for step;
-* the position is a batch counter: `get_state()` returns a small JSON-able dict, and `set_state()` on a fresh
-  pipeline (same source, seed, hosts and batch size, which the state records and checks) makes the next
-  batch the one the saved pipeline would have produced.
+* training is host-count invariant: one global stream of examples (epoch e is the permutation of all N
+  source indices drawn from (seed, e)) is cut into global batches of B = batch_size * P examples, and host
+  p of P takes rows [p * batch_size, (p + 1) * batch_size) of every global batch, the rows its devices hold
+  in the global array. Every augmentation draw of an example (scale, crop, colour, flip) is seeded by
+  (seed, epoch, source index), never by the host, so global batch s is the same examples with the same
+  draws on 1, 2 or 4 hosts;
+* evaluation: host p of P takes source indices p, p + P, p + 2P, ...: together the whole split, once;
+* the position is a global batch counter: `get_state()` returns a small JSON-able dict, and `set_state()` on
+  a fresh pipeline (same source, seed, global batch size, which the state records and checks; any number of
+  hosts) makes the next batch the one the saved pipeline would have produced, so a run saved on 4 hosts
+  resumes on 2 or 1.
 
 Batches are dicts of numpy arrays with fixed shapes (see `train_transform` / `eval_transform` in augment.py):
 training gives image uint8 [B, H, W, 3], sem_seg int32 [B, H, W], image_size int32 [B, 2], labels int32
@@ -27,8 +31,8 @@ in `num_workers` processes (grain mp_prefetch) where the GIL is the limit; `pref
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -37,7 +41,7 @@ import numpy as np
 
 from san_jax.data import augment
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: one global position whatever the host count (1 held a per-host grain position)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,13 +146,51 @@ class _Load:
             "index": np.int64(index)}
 
 
-class _TrainAugment(grain.transforms.RandomMap):
-  """The training chain without target masks: `_BatchTrain` writes those straight into the batch."""
+class _GlobalOrder:
+  """Position in this host's stream -> (epoch, source index) of the global stream.
 
-  def __init__(self, cfg: augment.TrainAugConfig):
+  Local position l is row j = l % b of this host's share of global batch s = l // b, i.e. global position
+  g = s * B + p * b + j (B = b * P); g is element g % N of epoch g // N, whose order is the permutation of
+  range(N) drawn from (seed, epoch) (the identity without shuffling)."""
+
+  def __init__(self, num_examples: int, seed: int, shuffle: bool, local_batch: int, process_index: int,
+               process_count: int):
+    self.n, self.seed, self.shuffle = num_examples, seed, shuffle
+    self.b, self.p, self.num_hosts = local_batch, process_index, process_count
+    self._perm = (None, None)  # (epoch, permutation): consecutive positions share an epoch
+
+  def __call__(self, local_position: int) -> Dict[str, Any]:
+    step, row = divmod(int(local_position), self.b)
+    g = step * self.b * self.num_hosts + self.p * self.b + row
+    epoch, k = divmod(g, self.n)
+    if not self.shuffle:
+      return {"index": np.int64(k), "epoch": np.int64(epoch)}
+    cached_epoch, perm = self._perm  # one read: grain may call this from several threads
+    if cached_epoch != epoch:
+      perm = np.random.default_rng(_derive_seed(self.seed, epoch, 0)).permutation(self.n)
+      self._perm = (epoch, perm)
+    return {"index": np.int64(perm[k]), "epoch": np.int64(epoch)}
+
+
+class _LoadWithEpoch(_Load):
+  """{"index", "epoch"} -> the loaded example, keeping its epoch for the augmentation's seed."""
+
+  def __call__(self, element: Dict[str, Any]) -> Dict[str, Any]:
+    out = super().__call__(int(element["index"]))
+    out["epoch"] = element["epoch"]
+    return out
+
+
+class _TrainAugment(grain.transforms.Map):
+  """The training chain without target masks (`_BatchTrain` writes those straight into the batch); the
+  draws of an example come from (seed, epoch, source index) alone."""
+
+  def __init__(self, cfg: augment.TrainAugConfig, seed: int):
     self.cfg = dataclasses.replace(cfg, with_masks=False)
+    self.seed = seed
 
-  def random_map(self, element: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
+  def map(self, element: Dict[str, Any]) -> Dict[str, Any]:
+    rng = np.random.default_rng(_derive_seed(self.seed, int(element["epoch"]), int(element["index"]), 1))
     out = augment.train_transform(element["image"], element["label"], rng, self.cfg)
     out["index"] = element["index"]
     out["example_valid"] = np.bool_(True)
@@ -235,18 +277,20 @@ class DataPipeline:
   def _build(self) -> grain.MapDataset:
     cfg = self.config
     train = cfg.mode == "train"
-    indices = host_indices(self.num_source_examples, cfg.process_index, cfg.process_count, even=train)
     if train:
-      if not len(indices):
-        raise ValueError(f"{self.num_source_examples} examples cannot feed {cfg.process_count} hosts")
-      ds = grain.MapDataset.source(list(indices)).seed(cfg.seed)
-      if cfg.shuffle:
-        ds = ds.shuffle()
-      ds = ds.repeat(cfg.num_epochs)
-      ds = ds.map(_Load(self.source, self.ignore_label))
-      ds = ds.random_map(_TrainAugment(cfg.train_aug), seed=_derive_seed(cfg.seed, cfg.process_index, 1))
+      n, global_batch = self.num_source_examples, cfg.batch_size * cfg.process_count
+      if n < global_batch:
+        raise ValueError(f"{n} examples cannot fill a global batch of {global_batch} "
+                         f"({cfg.batch_size} per host x {cfg.process_count} hosts)")
+      # Global batches: the whole stream (all epochs, or forever) cut into B-sized batches, the rest dropped.
+      steps = sys.maxsize // global_batch if cfg.num_epochs is None else n * cfg.num_epochs // global_batch
+      ds = grain.MapDataset.range(steps * cfg.batch_size)
+      ds = ds.map(_GlobalOrder(n, cfg.seed, cfg.shuffle, cfg.batch_size, cfg.process_index, cfg.process_count))
+      ds = ds.map(_LoadWithEpoch(self.source, self.ignore_label))
+      ds = ds.map(_TrainAugment(cfg.train_aug, cfg.seed))
       return ds.batch(cfg.batch_size, drop_remainder=True, batch_fn=_BatchTrain(cfg.train_aug.with_masks))
     # Evaluation: every host yields ceil(ceil(N / P) / B) batches; the shortfall is padding (index -1).
+    indices = host_indices(self.num_source_examples, cfg.process_index, cfg.process_count, even=False)
     per_host = math.ceil(self.num_source_examples / cfg.process_count)
     total = math.ceil(per_host / cfg.batch_size) * cfg.batch_size
     padded = list(indices) + [-1] * (total - len(indices))
@@ -257,16 +301,16 @@ class DataPipeline:
   def _make_iterator(self):
     cfg = self.config
     read = grain.ReadOptions(num_threads=max(cfg.num_threads, 1), prefetch_buffer_size=max(cfg.prefetch, 1))
-    ids = self._dataset.to_iter_dataset(read)
+    ds = self._dataset
+    if self._pending_state is not None:  # resume: start at the saved global batch
+      ds = ds[int(self._pending_state["batches"]):]
+      self._pending_state = None
+    ids = ds.to_iter_dataset(read)
     if cfg.num_workers > 0:
       _mark_flags_parsed()
       ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                          per_worker_buffer_size=max(cfg.prefetch, 1)))
-    it = iter(ids)
-    if self._pending_state is not None:
-      it.set_state(self._pending_state)
-      self._pending_state = None
-    return it
+    return iter(ids)
 
   # Iteration --------------------------------------------------------------------------------------------
 
@@ -274,9 +318,7 @@ class DataPipeline:
     """Batches per pass (one epoch in training)."""
     if self.config.mode == "eval":
       return len(self._dataset)
-    per_host = len(host_indices(self.num_source_examples, self.config.process_index,
-                                self.config.process_count, even=True))
-    return per_host // self.config.batch_size
+    return self.num_source_examples // (self.config.batch_size * self.config.process_count)
 
   def __iter__(self) -> "DataPipeline":
     return self
@@ -303,26 +345,25 @@ class DataPipeline:
   # Position ---------------------------------------------------------------------------------------------
 
   def _fingerprint(self) -> Dict[str, Any]:
+    """What a saved position depends on: the same for every host and host count (global batch size)."""
     cfg = self.config
-    return {"mode": cfg.mode, "seed": cfg.seed, "process_index": cfg.process_index,
-            "process_count": cfg.process_count, "batch_size": cfg.batch_size,
-            "num_source_examples": self.num_source_examples, "shuffle": cfg.shuffle}
+    return {"mode": cfg.mode, "seed": cfg.seed, "global_batch_size": cfg.batch_size * cfg.process_count,
+            "num_source_examples": self.num_source_examples, "shuffle": cfg.shuffle,
+            "num_epochs": cfg.num_epochs}
 
   def get_state(self) -> Dict[str, Any]:
-    """The position after the last batch returned: JSON-able, saved with checkpoints."""
-    if self._iter is not None:
-      inner = self._iter.get_state()
-    elif self._pending_state is not None:
-      inner = self._pending_state
-    else:
-      inner = None
-    return {"version": STATE_VERSION, "batches": self._batches, "pipeline": self._fingerprint(),
-            "grain": json.loads(json.dumps(inner, default=_json_default))}
+    """The position after the last batch returned (global batches consumed): JSON-able, saved with
+    checkpoints, identical on every host."""
+    return {"version": STATE_VERSION, "batches": self._batches, "pipeline": self._fingerprint()}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    """Resumes from `get_state()`'s dict (also after a JSON round trip); the config must match."""
+    """Resumes from `get_state()`'s dict (also after a JSON round trip, and from a run on another number
+    of hosts); seed, global batch size and source must match."""
+    if self.config.mode != "train":
+      raise ValueError("set_state: only training pipelines have a position to restore")
     if state.get("version") != STATE_VERSION:
-      raise ValueError(f"data state version {state.get('version')} != {STATE_VERSION}")
+      raise ValueError(f"data state version {state.get('version')} != {STATE_VERSION} (a checkpoint written "
+                       f"before the host-count invariant input pipeline; its data order cannot be continued)")
     mine = self._fingerprint()
     theirs = dict(state["pipeline"])
     if theirs != mine:
@@ -330,15 +371,7 @@ class DataPipeline:
       raise ValueError(f"data state was saved by a different pipeline (saved, current): {diff}")
     self.close()
     self._batches = int(state["batches"])
-    self._pending_state = state["grain"]
-
-
-def _json_default(x):
-  if isinstance(x, np.integer):
-    return int(x)
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(f"not JSON-able: {type(x)}")
+    self._pending_state = {"batches": self._batches}
 
 
 def _mark_flags_parsed() -> None:

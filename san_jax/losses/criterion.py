@@ -45,6 +45,7 @@ class CriterionConfig:
   num_points: int = 112 * 112
   oversample_ratio: float = 3.0
   importance_sample_ratio: float = 0.75
+  batch_axes: Tuple[str, ...] = ()  # mesh axes sharding the batch: the matcher's host work runs per shard
 
   @property
   def costs(self) -> matcher_lib.MatchCosts:
@@ -147,7 +148,7 @@ def loss_masks(pred_masks: jax.Array, target_masks: jax.Array, match: Mapping[st
   tgt = jnp.take_along_axis(target_masks, match["tgt_idx"][:, :, None, None], axis=1)
   coords = sampling.uncertain_points(
       src, sampling.calculate_uncertainty, cfg.num_points, cfg.oversample_ratio, cfg.importance_sample_ratio,
-      oversample_coords=oversample, random_coords=random)  # [B, K, P, 2]
+      oversample_coords=oversample, random_coords=random, batch_axes=cfg.batch_axes)  # [B, K, P, 2]
   used = coords if points is None else jax.lax.stop_gradient(points.astype(coords.dtype))
   point_labels = jax.lax.stop_gradient(sampling.sample_points(tgt, used))  # [B, K, P]
   point_logits = sampling.sample_points(src, used)
@@ -202,7 +203,7 @@ def set_criterion(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Ar
 
   def one_output(logits_i, masks_i, matcher_pts, oversample, random, points=None):
     match = matcher_lib.hungarian_match(logits_i, masks_i, targets["labels"], targets["masks"],
-                                        targets["valid"], matcher_pts, cfg.costs)
+                                        targets["valid"], matcher_pts, cfg.costs, cfg.batch_axes)
     ce = loss_labels(logits_i, targets["labels"], match, cfg.num_classes, cfg.eos_coef)
     bce, dsc, coords = loss_masks(masks_i, targets["masks"], match, num_masks, oversample, random, cfg, points)
     return {"loss_ce": ce, "loss_mask": bce, "loss_dice": dsc}, match, coords

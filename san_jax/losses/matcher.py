@@ -12,19 +12,24 @@ Targets have a static count T per image: `labels [B, T]`, `masks [B, T, H, W]`, 
 ones first (see `criterion.pad_targets`). The assignment runs scipy's `linear_sum_assignment` on the host
 through `jax.pure_callback`, on the [Q, n_valid] block only, so padded targets never take part and the
 result is exactly scipy's (rows ascending, as scipy returns them). Matches come back padded to
-K = min(Q, T) with a validity mask. Under a batch-sharded jit XLA gathers the (small) cost matrices to one
-device for the callback (tested on one process with 8 devices, Auto and Explicit meshes); costs are
-computed with broadcasting leading dimensions rather than vmap, which explicit-sharding meshes refuse
-when batch-sharded predictions meet replicated point draws.
+K = min(Q, T) with a validity mask. Given the mesh axes that shard the batch (`batch_axes`, the train
+step's), the callback runs inside a `shard_map` over them: every device hands its own images' cost
+matrices to its own host, so each host solves only its images and nothing is gathered to one device
+(without it, XLA replicates the cost matrices onto device 0 for the callback: "involuntary full
+rematerialization", and on a pod one host would solve the whole global batch). Costs are computed with
+broadcasting leading dimensions rather than vmap, which explicit-sharding meshes refuse when
+batch-sharded predictions meet replicated point draws.
 """
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple
+import math
+from typing import Dict, NamedTuple, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from san_jax.ops import sampling
 
@@ -94,32 +99,58 @@ def _assign_on_host(cost: np.ndarray, counts: np.ndarray):
   return rows.reshape(lead + (k,)), cols.reshape(lead + (k,))
 
 
-def assign(cost: jax.Array, num_valid: jax.Array) -> Dict[str, jax.Array]:
+def _assign_callback(cost: jax.Array, num_valid: jax.Array):
+  k = min(cost.shape[-2:])
+  out_shape = jax.ShapeDtypeStruct(cost.shape[:-2] + (k,), jnp.int32)
+  return jax.pure_callback(_assign_on_host, (out_shape, out_shape), cost, num_valid, vmap_method="broadcast_all")
+
+
+def _sharded_axes(batch_axes: Sequence[str], batch: int) -> Tuple[str, ...]:
+  """The axes of `batch_axes` the current mesh has, when they split the batch (more than one way, evenly)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  ways = math.prod(mesh.shape[a] for a in axes)
+  return axes if ways > 1 and batch % ways == 0 else ()
+
+
+def assign(cost: jax.Array, num_valid: jax.Array, batch_axes: Sequence[str] = ()) -> Dict[str, jax.Array]:
   """Optimal assignment per image on the host (scipy), callable under jit and vmap.
 
-  cost [..., Q, T]; num_valid [...] (int): only the first num_valid target columns are assigned.
+  cost [B, Q, T] (or any [..., Q, T] without batch_axes); num_valid [B] (int): only the first num_valid
+  target columns are assigned. batch_axes: mesh axes (of the mesh set with `jax.set_mesh`) that shard B;
+  the host callback then runs per shard (shard_map), on the host of the shard's device.
   Returns pred_idx, tgt_idx [..., K] int32 (K = min(Q, T); scipy's order: pred_idx ascending) and
   valid [..., K] (the first min(Q, num_valid) entries; the rest are zero padding).
   """
   q, t = cost.shape[-2:]
   k = min(q, t)
   num_valid = jnp.asarray(num_valid, jnp.int32)
-  out_shape = jax.ShapeDtypeStruct(cost.shape[:-2] + (k,), jnp.int32)
   # No gradient flows through an assignment; stop_gradient keeps jax.grad away from the callback.
-  rows, cols = jax.pure_callback(_assign_on_host, (out_shape, out_shape), jax.lax.stop_gradient(cost),
-                                 num_valid, vmap_method="broadcast_all")
+  cost = jax.lax.stop_gradient(cost)
+  axes = _sharded_axes(batch_axes, cost.shape[0]) if cost.ndim == 3 else ()
+  if axes:
+    spec = P(axes if len(axes) > 1 else axes[0])
+    # Manual over every mesh axis (host callbacks refuse partially automatic sharding): devices that differ
+    # only along the other axes hold the same images and solve them alike.
+    rows, cols = jax.shard_map(_assign_callback, in_specs=(spec, spec), out_specs=(spec, spec),
+                               check_vma=False)(cost, num_valid)
+  else:
+    rows, cols = _assign_callback(cost, num_valid)
   valid = jnp.arange(k) < jnp.minimum(num_valid, q)[..., None]
   return {"pred_idx": rows, "tgt_idx": cols, "valid": valid}
 
 
 def hungarian_match(pred_logits: jax.Array, pred_masks: jax.Array, labels: jax.Array, masks: jax.Array,
-                    valid: jax.Array, points: jax.Array, costs: MatchCosts = MatchCosts()) -> Dict[str, jax.Array]:
+                    valid: jax.Array, points: jax.Array, costs: MatchCosts = MatchCosts(),
+                    batch_axes: Sequence[str] = ()) -> Dict[str, jax.Array]:
   """Batched matching: pred_logits [B, Q, C+1], pred_masks [B, Q, h, w], labels [B, T], masks [B, T, H, W],
-  valid [B, T] (valid targets first), points [B, P, 2] (one draw per image).
+  valid [B, T] (valid targets first), points [B, P, 2] (one draw per image); batch_axes: see `assign`.
 
   Returns {"cost": [B, Q, T] (padded columns are meaningless), "pred_idx", "tgt_idx", "valid": [B, K]}.
   """
   cost = match_cost(jax.lax.stop_gradient(pred_logits), jax.lax.stop_gradient(pred_masks), labels, masks, points,
                     costs)
-  match = assign(cost, valid.sum(-1))
+  match = assign(cost, valid.sum(-1), batch_axes)
   return {"cost": cost, **match}

@@ -88,11 +88,25 @@ def importance_counts(num_points: int, oversample_ratio: float, importance_sampl
   return num_sampled, num_uncertain, num_points - num_uncertain
 
 
+def _top_k_indices(x: jax.Array, k: int, batch_axes: Tuple[str, ...]) -> jax.Array:
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh.empty or x.ndim < 2 else tuple(a for a in batch_axes if a in mesh.axis_names)
+  ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  if ways <= 1 or x.shape[0] % ways:
+    return jax.lax.top_k(x, k)[1]
+  spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0])
+  return jax.shard_map(lambda v: jax.lax.top_k(v, k)[1], in_specs=spec, out_specs=spec, check_vma=False)(x)
+
+
 def uncertain_points(
     maps: jax.Array, uncertainty_fn: Callable[[jax.Array], jax.Array], num_points: int,
     oversample_ratio: float, importance_sample_ratio: float, *, rng: Optional[jax.Array] = None,
-    oversample_coords: Optional[jax.Array] = None, random_coords: Optional[jax.Array] = None) -> jax.Array:
+    oversample_coords: Optional[jax.Array] = None, random_coords: Optional[jax.Array] = None,
+    batch_axes: Tuple[str, ...] = ()) -> jax.Array:
   """PointRend's training points for class-agnostic logit maps [*L, H, W] -> [*L, P, 2].
+
+  batch_axes: mesh axes (of the mesh set with `jax.set_mesh`) that shard L[0]; the top-k then runs per
+  shard (XLA's partitioner otherwise all-gathers the uncertainties over the batch for it).
 
   Draws: either `rng`, or `oversample_coords` [*L, int(P*oversample_ratio), 2] and `random_coords`
   [*L, P - int(importance_sample_ratio*P), 2], uniform in [0, 1). The result holds the
@@ -115,7 +129,7 @@ def uncertain_points(
     raise ValueError(f"draws must be {lead + (num_sampled, 2)} and {lead + (num_random, 2)}; got "
                      f"{oversample_coords.shape} and {random_coords.shape}")
   uncertainty = uncertainty_fn(sample_points(jax.lax.stop_gradient(maps), oversample_coords))
-  _, idx = jax.lax.top_k(uncertainty, num_uncertain)
+  idx = _top_k_indices(uncertainty, num_uncertain, batch_axes)
   chosen = jnp.take_along_axis(oversample_coords, idx[..., None], axis=-2)
   # Adding zeros shaped like `chosen` gives the random points chosen's sharding: with explicit-sharding
   # meshes a batch-sharded and a replicated array cannot be concatenated. x + 0 is exact.

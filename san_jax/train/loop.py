@@ -169,14 +169,16 @@ _load_init_params = load_init_params  # the name the tests and older callers use
 def train(cfg, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes) training; returns the last logged metrics."""
   workdir = Path(workdir)
-  sharding.initialize_distributed()
+  sharding.initialize_distributed(timeouts=cfg.get("distributed"))  # no-op when train.py did it
+  run_config = json.loads(cfg.to_json_best_effort())
+  sharding.check_processes_agree(run_config)  # every process, before any of them can fail alone below
   validate.check_train_config(cfg)  # the whole config, before anything is written
   is_main = jax.process_index() == 0
   t = cfg.train
   model_cfg = san_lib.config_from_dict(cfg.model.to_dict())
   mesh = sharding.make_mesh(cfg.mesh.shape.to_dict())
   rules = [tuple(r) for r in cfg.mesh.rules]
-  run_config = json.loads(cfg.to_json_best_effort())
+  sharding.check_batch_fits(mesh, rules, t.batch_size)
   workdir.mkdir(parents=True, exist_ok=True)
   lock = workdir_lib.WorkdirLock(workdir, enabled=is_main).acquire()
   atexit.register(lock.release)  # also when setup below fails; the finally of the loop releases it too
@@ -257,7 +259,8 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
           rate = f"{1 / dt:.2f} steps/s  {t.batch_size / dt:.1f} img/s" if rate_known else "rate ?"
           print(f"step {done}/{t.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  {rate}  "
                 f"ETA {_format_eta(dt * (t.steps - done))}", flush=True)
-      if done % t.checkpoint_every == 0 or done == t.steps or preempted["flag"]:
+      stop = _agreed_stop(preempted["flag"], done, t)
+      if done % t.checkpoint_every == 0 or done == t.steps or stop:
         if int(jax.device_get(state["nonfinite"])) > 0:
           _on_nonfinite(t.on_nonfinite, int(jax.device_get(state["last_nonfinite_step"])), {})
         ckpts.save(done, state, pipe.get_state(), run_config)
@@ -265,7 +268,7 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
         row = periodic_eval(trainer.model(state, frozen), done)
         writer.write({"step": done, **row})
         t_last, step_last = time.perf_counter(), done  # keep evaluation time out of the training rate
-      if preempted["flag"]:
+      if stop:
         log.warning("SIGTERM: saved step %d, exiting", done)
         preempted["saved"] = done
         break
@@ -391,6 +394,19 @@ class PeriodicEval:
         if isinstance(res.get(k), (int, float)):
           row[f"eval/{name}/{k}"] = float(res[k])
     return row
+
+
+def _agreed_stop(flag: bool, step: int, t) -> bool:
+  """Whether to save and stop after `step` for a SIGTERM. One process: its own flag. Several: SIGTERMs reach
+  the hosts at different steps, and a host that saved alone would wait for the others in the checkpoint's
+  collectives, so the hosts agree (any host's flag) at the steps where they already synchronise for the
+  metrics (every train.log_every steps and the last one); a preemption is answered within log_every steps."""
+  if jax.process_count() == 1:
+    return flag
+  if step % t.log_every and step != t.steps:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
 
 
 def _on_nonfinite(mode: str, step: int, metrics: Dict[str, Any]):

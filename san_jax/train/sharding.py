@@ -3,8 +3,9 @@
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `vocab`, `clip_embed`) in their NNX
 metadata; activations use `batch`. Config rules map logical names to mesh axes (`data`, `fsdp`,
 `model`). A dimension whose size the mesh axes do not divide stays replicated, so any geometry runs on
-any mesh. Multi-host: `initialize_distributed()` before anything touches devices; each host feeds its
-slice and `global_batch` assembles the global arrays.
+any mesh. Multi-host: `initialize_distributed()` before anything touches devices (explicit coordinator flags, or
+JAX's cluster auto-detection); each host feeds its contiguous slice of the global batch and
+`global_batch` assembles the global arrays.
 """
 
 from __future__ import annotations
@@ -22,11 +23,123 @@ MESH_AXES = ("data", "fsdp", "model")
 Rules = Sequence[Tuple[str, Union[str, Sequence[str], None]]]
 
 
-def initialize_distributed() -> None:
-  """`jax.distributed.initialize()` when launched as one of several processes (TPU pods set this up;
-  elsewhere JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID name the coordinator)."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-    jax.distributed.initialize()
+class TopologyError(ValueError):
+  """The processes of a multi-process run cannot work together (disagreeing configs, a device count that
+  does not fit the mesh, a batch the hosts cannot share); the message is one line naming the problem."""
+
+
+# configs/common.py `distributed` holds the values a run uses (seconds); these are for configs without it.
+DEFAULT_TIMEOUTS = {"initialization_timeout_s": 300, "heartbeat_timeout_s": 100, "shutdown_timeout_s": 60}
+
+
+def detected_cluster() -> Optional[str]:
+  """The name of the cluster environment JAX's auto-detection finds (Cloud TPU pod, SLURM, Open MPI,
+  Kubernetes; mpi4py is opt-in in JAX and so not probed), or None on a plain machine."""
+  try:
+    from jax._src.clusters import ClusterEnv  # pylint: disable=g-import-not-at-top
+  except ImportError:  # a JAX without the module: no auto-detection to ask
+    return None
+  for env in ClusterEnv._cluster_types:  # pylint: disable=protected-access
+    if not getattr(env, "opt_in_only_method", False):
+      try:
+        if env.is_env_present():
+          return env.__name__
+      except Exception:  # pylint: disable=broad-except  # a broken probe means: not this environment
+        continue
+  return None
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, timeouts: Optional[Mapping[str, int]] = None,
+                           ) -> bool:
+  """`jax.distributed.initialize` for every launch context; returns whether it was called.
+
+  * Explicit: `coordinator_address` (host:port of process 0), `num_processes`, `process_id` (the
+    train.py / eval.py flags; `python -m san_jax.launch` passes them). JAX reads only the address from
+    the environment (JAX_COORDINATOR_ADDRESS), so the count and id are taken from JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID here when the flags are not given.
+  * Automatic: when JAX's cluster detection finds a cluster (TPU pod slice, SLURM, Open MPI, Kubernetes),
+    JAX fills in what is not given.
+  * Neither (a plain machine): nothing is called; one process.
+
+  Must run before anything touches the devices. CPU collectives go through gloo (the default CPU client
+  has none across processes). `timeouts`: initialization_timeout_s, heartbeat_timeout_s and
+  shutdown_timeout_s (config `distributed`; defaults DEFAULT_TIMEOUTS): a process that stops sending
+  heartbeats for heartbeat_timeout_s is declared dead and the others stop instead of hanging.
+  """
+  import jax.distributed  # pylint: disable=g-import-not-at-top
+  if jax.distributed.is_initialized():
+    return True
+  if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+    process_id = int(os.environ["JAX_PROCESS_ID"])
+  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  given = [x is not None for x in (address, num_processes, process_id)]
+  cluster = detected_cluster()
+  if not any(given) and cluster is None:
+    return False
+  if any(given) and not all(given) and cluster is None:
+    raise TopologyError(
+        f"multi-process launch needs all of --coordinator_address, --num_processes and --process_id "
+        f"(got coordinator_address={address}, num_processes={num_processes}, process_id={process_id}) "
+        f"or a cluster JAX detects (Cloud TPU, SLURM, Open MPI, Kubernetes)")
+  if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+    raise TopologyError(f"--process_id={process_id} is not in [0, --num_processes={num_processes})")
+  t = {**DEFAULT_TIMEOUTS, **{k: int(v) for k, v in dict(timeouts or {}).items() if v is not None}}
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(address, num_processes, process_id,
+                             initialization_timeout=t["initialization_timeout_s"],
+                             heartbeat_timeout_seconds=t["heartbeat_timeout_s"],
+                             shutdown_timeout_seconds=t["shutdown_timeout_s"])
+  return True
+
+
+def config_fingerprint(config: Any) -> str:
+  """sha256 of a run config (a JSON-able dict, or a ConfigDict): what every process must agree on."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  if hasattr(config, "to_json_best_effort"):
+    config = json.loads(config.to_json_best_effort())
+  return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_processes_agree(config: Any, what: str = "config") -> None:
+  """Raises TopologyError (on every process) unless all processes hold the same `config`."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = np.frombuffer(bytes.fromhex(config_fingerprint(config)), np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(mine))  # [P, 32]
+  differ = [p for p in range(every.shape[0]) if not np.array_equal(every[p], every[0])]
+  if differ:
+    raise TopologyError(f"processes {differ} were given a different {what} than process 0 "
+                        f"(sha256 {every[differ[0]].tobytes().hex()[:12]} vs {every[0].tobytes().hex()[:12]}): "
+                        f"launch every process with the same command and flags")
+
+
+def check_batch_fits(mesh: Mesh, rules: Rules, global_batch_size: int) -> None:
+  """Raises TopologyError unless the global batch splits evenly over the hosts and over the mesh axes
+  that shard the batch, with each host feeding the contiguous rows [p*b, (p+1)*b) of every batch (the
+  layout the input pipeline produces; see `data.pipeline`)."""
+  n_proc = jax.process_count()
+  if global_batch_size % n_proc:
+    raise TopologyError(f"train.batch_size={global_batch_size} is not divisible by the {n_proc} processes")
+  sh = batch_sharding(mesh, rules, 1)
+  spec = sh.spec[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  ways = math.prod(mesh.shape[a] for a in axes)
+  if global_batch_size % ways:
+    raise TopologyError(f"train.batch_size={global_batch_size} is not divisible by the {ways} devices of the "
+                        f"mesh axes {axes} that split the batch (mesh {dict(mesh.shape)})")
+  rows = sorted({(idx[0].start or 0, idx[0].stop or global_batch_size)
+                 for idx in sh.addressable_devices_indices_map((global_batch_size,)).values()})
+  b = global_batch_size // n_proc
+  p = jax.process_index()
+  if rows[0][0] != p * b or rows[-1][1] != (p + 1) * b:
+    raise TopologyError(f"process {p}'s devices hold batch rows {rows[0][0]}..{rows[-1][1]} of the mesh "
+                        f"{dict(mesh.shape)}, not its contiguous slice {p * b}..{(p + 1) * b}: order the mesh's "
+                        f"devices by process")
 
 
 def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[Any]] = None) -> Mesh:
@@ -39,10 +152,12 @@ def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[Any]] = None)
   known = math.prod(s for s in sizes.values() if s != -1)
   if unknown:
     if len(devices) % known:
-      raise ValueError(f"mesh shape {dict(shape)} does not divide {len(devices)} devices")
+      raise TopologyError(f"mesh shape {dict(shape)} does not divide {len(devices)} devices")
     sizes[unknown[0]] = len(devices) // known
   if math.prod(sizes.values()) != len(devices):
-    raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}")
+    raise TopologyError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}"
+                        + (f" ({jax.process_count()} processes x {jax.local_device_count()})"
+                           if jax.process_count() > 1 else ""))
   grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
   return Mesh(grid, MESH_AXES)
 

@@ -30,12 +30,13 @@ from san_jax.train import optim, sharding
 PyTree = Any
 
 
-def criterion_config(train_cfg, num_classes: int) -> criterion_lib.CriterionConfig:
+def criterion_config(train_cfg, num_classes: int, batch_axes: Tuple[str, ...] = ()) -> criterion_lib.CriterionConfig:
   c = train_cfg.criterion
   return criterion_lib.CriterionConfig(
       num_classes=num_classes, eos_coef=c.no_object_weight, class_weight=c.class_weight,
       mask_weight=c.mask_weight, dice_weight=c.dice_weight, num_points=c.num_points,
-      oversample_ratio=c.oversample_ratio, importance_sample_ratio=c.importance_sample_ratio)
+      oversample_ratio=c.oversample_ratio, importance_sample_ratio=c.importance_sample_ratio,
+      batch_axes=tuple(batch_axes))
 
 
 @dataclasses.dataclass
@@ -52,7 +53,9 @@ class Trainer:
     self.tx = optim.make_optimizer(self.train_cfg)
     self.schedule = optim.learning_rate_schedule(self.train_cfg)
     self.keep = optim.trainable_filter(self.train_cfg.trainable_patterns)
-    self.criterion = criterion_config(self.train_cfg, self.num_classes)
+    spec = sharding.batch_sharding(self.mesh, self.rules, 1).spec[0]
+    batch_axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    self.criterion = criterion_config(self.train_cfg, self.num_classes, batch_axes)
     abstract_model = nnx.eval_shape(lambda: self._new_model(jax.random.key(0)))
     self.graphdef, abstract_params, abstract_frozen = nnx.split(abstract_model, self.keep, ...)
     if not jax.tree.leaves(abstract_params):

@@ -1,0 +1,57 @@
+"""Host time of the Hungarian matching per train step, and how it splits over hosts.
+
+  python -m benchmarks.matching [--batch 32] [--queries 100] [--targets 64] [--outputs 2]
+
+The train step hands each host the cost matrices of its own images only (`matcher.assign` under
+shard_map), so with H hosts a host solves batch / H images per deep-supervision output. This times the
+host side of that callback (`matcher._assign_on_host`: scipy's linear_sum_assignment on the [Q, n_valid]
+block of every image) for H = 1, 2, 4, 8 at SAN's geometry: global batch 32, 100 queries, targets padded
+to 64 with 4..24 valid per image (COCO-Stuff images show about 5-20 classes), 2 deep-supervision outputs
+(B/16 and L/14 supervise blocks 7 and 8). Median of `--repeats` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from san_jax.losses import matcher
+
+
+def host_time_s(images: int, queries: int, targets: int, outputs: int, repeats: int, seed: int = 0) -> float:
+  rng = np.random.default_rng(seed)
+  cost = rng.normal(size=(outputs, images, queries, targets)).astype(np.float32)
+  counts = np.broadcast_to(rng.integers(4, 25, size=images), (outputs, images)).astype(np.int32)
+  matcher._assign_on_host(cost, counts)  # pylint: disable=protected-access  # warm-up (scipy import)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    matcher._assign_on_host(cost, counts)  # pylint: disable=protected-access
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--batch", type=int, default=32, help="global batch")
+  p.add_argument("--queries", type=int, default=100)
+  p.add_argument("--targets", type=int, default=64, help="targets per image after padding")
+  p.add_argument("--outputs", type=int, default=2, help="deep-supervision outputs matched per step")
+  p.add_argument("--repeats", type=int, default=20)
+  args = p.parse_args(argv)
+  print(f"matching host time per step: batch {args.batch}, {args.queries} queries, {args.targets} padded "
+        f"targets, {args.outputs} outputs")
+  print("hosts  images/host  ms/step/host")
+  for hosts in (1, 2, 4, 8):
+    if args.batch % hosts:
+      continue
+    ms = 1e3 * host_time_s(args.batch // hosts, args.queries, args.targets, args.outputs, args.repeats)
+    print(f"{hosts:5d}  {args.batch // hosts:11d}  {ms:12.2f}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

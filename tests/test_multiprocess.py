@@ -1,0 +1,304 @@
+"""Multi-process training and evaluation, rehearsed on one machine (`python -m san_jax.launch`).
+
+The reference is one process with 8 fake CPU devices (plain `train.py`, no launcher, no jax.distributed),
+16 steps. Every other run is the same 8-device mesh split over 1, 2 or 4 processes (gloo CPU collectives
+over loopback) with the same command line (train.steps=16, so the learning-rate schedule is the
+reference's); runs are cut short by SIGKILL, which is also the fault under test. One chain of runs in one
+work directory covers several items at once:
+
+  A  4 processes x 2 devices (mesh data=4, fsdp=2); process 1 is SIGKILLed once step 5 is logged
+  B  2 x 4 resumes from A's last complete checkpoint (elastic 4 -> 2); process 1 SIGKILLed after step 9
+  C  1 x 8 (through the launcher) resumes from B's (elastic 2 -> 1); SIGKILLed after step 13
+  D  the same launch command as C resumes from C's last complete checkpoint and runs to step 16
+
+and every loss of steps 1..16 in the chain's metrics.jsonl (a step logged again after a resume included)
+must be the reference's within 1e-5 relative. Tolerance: the runs differ only in the order of
+floating-point reductions (gloo's cross-process sums, the fsdp layout of A); measured here the relative
+differences are below 1e-6 (see the issue 11 note), while a different batch, augmentation draw, matching
+or learning rate moves the loss by 1e-2 or more. Evaluation (eval.py --workdir on the chain's last
+checkpoint) on 2 processes must give exactly the 1-process numbers, written once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RTOL = 1e-5
+
+TRAIN = ["train.py", "--config", "configs/tiny.py", "--config.train.batch_size=8", "--config.train.log_every=1",
+         "--config.train.eval_every=0", "--config.train.checkpoint_every=4", "--config.train.keep_checkpoints=10",
+         "--config.data.num_examples=48", "--config.distributed.heartbeat_timeout_s=10",
+         "--config.distributed.shutdown_timeout_s=10"]
+
+
+def env(devices: int = 8, xla_flags: str = "") -> dict:
+  e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip(),
+           JAX_PLATFORMS="cpu",
+           PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    e.pop(k, None)
+  return e
+
+
+def launch_argv(n: int, args, devices: int = 8):
+  return [sys.executable, "-m", "san_jax.launch", "--processes", str(n), "--devices", str(devices),
+          "--grace_s", "5", "--", *args]
+
+
+def run(argv, timeout: float = 600, devices: int = 8, xla_flags: str = "") -> subprocess.CompletedProcess:
+  return subprocess.run(argv, cwd=REPO, env=env(devices, xla_flags), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def losses(workdir: Path) -> dict:
+  """{step: loss} from metrics.jsonl (a step logged twice, before and after a crash, must agree: kept as a
+  list)."""
+  out = {}
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    if "loss" in row:
+      out.setdefault(row["step"], []).append(row["loss"])
+  return out
+
+
+def assert_same_losses(got: dict, want: dict, steps):
+  for s in steps:
+    assert s in got, f"step {s} missing from {sorted(got)}"
+    for value in got[s]:
+      rel = abs(value - want[s][0]) / abs(want[s][0])
+      assert rel <= RTOL, (s, value, want[s][0], rel)
+
+
+# ---- fast: the launcher itself, and setups that must fail in one line --------------------------------------
+CHILD = """
+import sys, time
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+pid = int(args["process_id"])
+print(f"hello from {pid} of {args['num_processes']} at {args['coordinator_address']}", flush=True)
+if pid == 1:
+  time.sleep(3)  # let the others print first (they start at their own pace)
+  sys.exit(3)
+time.sleep(120)
+"""
+
+
+def test_launcher_prefixes_lines_stops_the_others_and_returns_the_failure(tmp_path):
+  script = tmp_path / "child.py"
+  script.write_text(CHILD)
+  t0 = time.perf_counter()
+  res = run(launch_argv(3, [str(script)], devices=6), timeout=60)
+  elapsed = time.perf_counter() - t0
+  assert res.returncode == 3, res.stdout + res.stderr  # not the SIGTERM status of the processes it stopped
+  for i in range(3):
+    assert re.search(rf"^\[{i}\] hello from {i} of 3 at 127\.0\.0\.1:\d+$", res.stdout, re.M), res.stdout
+  assert "[launch] process 1 exited with status 3" in res.stdout
+  assert elapsed < 30, elapsed  # the sleeping processes were stopped, not waited for
+
+
+def test_launcher_refuses_devices_that_do_not_split():
+  res = run(launch_argv(3, ["train.py"], devices=8), timeout=60)
+  assert res.returncode == 2 and "--devices=8 is not divisible by --processes=3" in res.stderr
+
+
+def _one_line_error(res, needle):
+  assert res.returncode != 0
+  lines = [l for l in res.stderr.splitlines() if needle in l]
+  assert lines, res.stderr[-3000:]
+  assert "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_setups_that_cannot_work_fail_in_one_line(tmp_path):
+  # Half the distributed flags, on a machine with no cluster to detect.
+  res = run([sys.executable, *TRAIN, "--workdir", str(tmp_path / "a"), "--num_processes=2"], timeout=300)
+  _one_line_error(res, "train.py: multi-process launch needs all of --coordinator_address")
+  # A mesh the devices do not fit (8 devices, data=3).
+  res = run([sys.executable, *TRAIN, "--workdir", str(tmp_path / "b"), "--config.mesh.shape.data=3"], timeout=300)
+  _one_line_error(res, "train.py: mesh {")
+  # Two processes launched by hand with different configs: both stop, naming the odd one out.
+  port = __import__("san_jax.launch", fromlist=["free_port"]).free_port()
+  procs = [subprocess.Popen([sys.executable, *TRAIN, "--workdir", str(tmp_path / "c"), f"--config.train.seed={i}",
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                            cwd=REPO, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode != 0
+    assert "train.py: processes [1] were given a different config than process 0" in err, err[-3000:]
+  assert not (tmp_path / "c" / "config.json").exists()  # nothing written before the check
+
+
+# ---- slow: one chain of runs for trajectory, elastic resume, faults and evaluation --------------------------
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One process, 8 devices, 16 steps: the trajectory every other layout must reproduce. XLA dumps the
+  compiled train step's HLO (for item 7's test) into run/../hlo."""
+  wd = tmp_path_factory.mktemp("ref") / "run"
+  dump = f"--xla_dump_to={wd.parent / 'hlo'} --xla_dump_hlo_module_re=.*step_fn.*"
+  res = run([sys.executable, *TRAIN, "--workdir", str(wd), "--config.train.steps=16"], xla_flags=dump)
+  assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+  # Item 7: each host solves its own images; nothing is gathered to one device for the host callback.
+  assert "Involuntary full rematerialization" not in res.stderr
+  return wd, losses(wd)
+
+
+def _children(pid: int):
+  path = Path(f"/proc/{pid}/task/{pid}/children")
+  return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _process_id_of(pid: int):
+  try:
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+  except FileNotFoundError:
+    return None
+  for a in argv:
+    if a.startswith(b"--process_id="):
+      return int(a.split(b"=")[1])
+  return None
+
+
+def _launch_and_kill(n: int, wd: Path, kill_after_step, extra=()):
+  """Launches `n` processes on the chain's command; once `kill_after_step` is logged, SIGKILLs the process
+  with --process_id=1 (0 when alone). Returns (status, output, seconds from the kill to the launcher's exit,
+  or None when nothing was killed)."""
+  cmd = launch_argv(n, [*TRAIN, "--workdir", str(wd), "--config.train.steps=16", *extra])
+  launcher = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  chunks = []
+  reader = threading.Thread(target=lambda: chunks.append(launcher.stdout.read()), daemon=True)
+  reader.start()
+  killed_at = None
+  try:
+    deadline = time.monotonic() + 900
+    while kill_after_step and time.monotonic() < deadline and launcher.poll() is None:
+      logged = losses(wd) if (wd / "metrics.jsonl").exists() else {}
+      if logged and max(logged) >= kill_after_step:
+        victim = [c for c in _children(launcher.pid) if _process_id_of(c) == min(1, n - 1)]
+        if victim:
+          os.kill(victim[0], signal.SIGKILL)
+          killed_at = time.monotonic()
+          break
+      time.sleep(0.2)
+    launcher.wait(timeout=900)
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  reader.join(timeout=30)
+  return launcher.returncode, "".join(chunks), (time.monotonic() - killed_at if killed_at else None)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("chain") / "run"
+  logs = {"A": _launch_and_kill(4, wd, 5, ["--config.mesh.shape.fsdp=2"]),
+          "B": _launch_and_kill(2, wd, 9),
+          "C": _launch_and_kill(1, wd, 13),
+          "D": _launch_and_kill(1, wd, None)}
+  return wd, logs
+
+
+@pytest.mark.slow
+def test_two_and_four_processes_follow_the_one_process_trajectory(reference, chain):
+  _, want = reference
+  wd, logs = chain
+  rc, out, _ = logs["D"]
+  assert rc == 0, out[-5000:]
+  assert_same_losses(losses(wd), want, range(1, 17))
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_process_stops_the_run_and_the_same_command_resumes(chain):
+  wd, logs = chain
+  for k in "ABC":
+    rc, out, after_kill_s = logs[k]
+    assert after_kill_s is not None, f"run {k} ended before it could be killed: {out[-3000:]}"
+    assert rc == 128 + signal.SIGKILL, (k, rc, out[-3000:])  # the killed process's status, not the stops'
+    assert after_kill_s < 60, (k, after_kill_s)  # bounded: the survivors were stopped, nobody hung
+  # Each run resumed from a complete checkpoint of the one before (orbax commits a step only when every
+  # process has written its part; a step cut off by the kill is not there to be restored).
+  for k, (lo, hi) in {"B": (4, 4), "C": (4, 8), "D": (8, 12)}.items():
+    found = re.findall(r"resumed from step (\d+)", logs[k][1])
+    assert found and lo <= int(found[0]) <= hi, (k, found, logs[k][1][-3000:])
+  steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 16, steps
+
+
+@pytest.fixture(scope="module")
+def evaluations(chain, tmp_path_factory):
+  wd, _ = chain
+  out = tmp_path_factory.mktemp("eval")
+  args = ["eval.py", "--workdir", str(wd), "--max_examples", "12"]
+  one = run([sys.executable, *args, "--out", str(out / "one")])
+  two = run(launch_argv(2, [*args, "--out", str(out / "two")]))
+  return out, one, two
+
+
+@pytest.mark.slow
+def test_evaluation_on_two_processes_gives_the_one_process_numbers_written_once(evaluations):
+  out, one, two = evaluations
+  assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+  assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-2000:]
+  assert sorted(p.name for p in (out / "two").iterdir()) == ["eval_shapes.json"]
+  a, b = (json.loads((out / d / "eval_shapes.json").read_text()) for d in ("one", "two"))
+  assert a["num_images"] == b["num_images"] == 12
+  assert a["metrics"] == b["metrics"] and a["per_class"] == b["per_class"]
+  assert two.stdout.count("results in") == 1  # one report, from process 0
+
+
+# ---- item 7: matching (and the importance sampling's top-k) per shard, nothing gathered ---------------------
+HLO_SCRIPT = r"""
+import re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from san_jax.losses import matcher
+
+# The assignment under shard_map is scipy's, on meshes that split the batch over one or two axes.
+rng = np.random.default_rng(0)
+cost = rng.normal(size=(2, 32, 100, 16)).astype(np.float32)
+nv = rng.integers(0, 17, size=32).astype(np.int32)
+want = matcher._assign_on_host(cost, np.broadcast_to(nv, (2, 32)))
+for shape in [(8, 1, 1), (4, 2, 1), (2, 2, 2)]:
+  mesh = jax.make_mesh(shape, ("data", "fsdp", "model"))
+  with jax.set_mesh(mesh):
+    f = jax.jit(jax.vmap(lambda c, n: tuple(matcher.assign(c, n, ("data", "fsdp"))[k] for k in ("pred_idx", "tgt_idx")),
+                         in_axes=(0, None)))
+    c = jax.device_put(cost, NamedSharding(mesh, P(None, ("data", "fsdp"))))
+    n = jax.device_put(nv, NamedSharding(mesh, P(("data", "fsdp"))))
+    got = f(c, n)
+    assert all(np.array_equal(np.asarray(g), w) for g, w in zip(got, want)), shape
+    assert not re.search(r"all-gather|all-to-all|collective-permute", f.lower(c, n).compile().as_text()), shape
+
+print("OK")
+"""
+
+
+def test_matching_per_shard_is_scipys_and_gathers_nothing():
+  res = run([sys.executable, "-c", HLO_SCRIPT], timeout=300)
+  assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
+  assert "Involuntary full rematerialization" not in res.stderr
+
+
+@pytest.mark.slow
+def test_compiled_train_step_has_only_the_gradient_all_reduces(reference):
+  """The reference run's compiled step (8 devices, data=8): each device's images are matched (and their
+  importance-sampled points chosen) on its own host; the only collectives are the all-reduces of the
+  gradients and metrics, none gathers cost matrices or uncertainties to one device."""
+  wd, _ = reference
+  dumps = sorted((wd.parent / "hlo").glob("*jit_step_fn*after_optimizations.txt"))
+  assert dumps, sorted(p.name for p in (wd.parent / "hlo").iterdir())[:20]
+  hlo = dumps[-1].read_text()
+  ops = re.findall(r" (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
+  assert ops and set(ops) == {"all-reduce"}, sorted(set(ops))
+  assert "callback" in hlo  # the matching's host callback is in this module
