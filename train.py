@@ -1,7 +1,7 @@
 """Train SAN.
 
   python train.py --config configs/tiny.py --workdir runs/tiny
-  python train.py --config configs/san_vit_b16_coco.py --workdir gs://bucket/san_b16 \
+  python train.py --config configs/san_vit_b16_coco.py --workdir /mnt/bucket/san_b16 \
       --config.data.data_dir=gs://bucket/tfds --config.train.init_from=/path/to/converted_clip
 
 Resumes automatically from WORKDIR. Writes WORKDIR/metrics.jsonl, TensorBoard events under
@@ -36,6 +36,9 @@ def main(argv):
   from san_jax import checkpoint
   from san_jax.train import loop, sharding, validate
   from san_jax.train import workdir as workdir_lib
+  if "://" in _WORKDIR.value:  # Path("gs://b/x") would quietly make a local directory "gs:/b/x"
+    sys.exit(f"train.py: --workdir={_WORKDIR.value} is a URL; the workdir must be a file system path that every "
+             "host sees (NFS, or the bucket mounted, e.g. with gcsfuse)")
   try:
     launch.initialize_from_flags(_DISTRIBUTED, _CONFIG.value)
     loop.train(_CONFIG.value, _WORKDIR.value)

@@ -459,3 +459,10 @@ def test_sigterm_saves_then_exits_143_and_the_resumed_run_has_one_row_per_step(t
   steps_logged = [r["step"] for r in _rows(w)]
   assert steps_logged == list(range(1, end + 1)), steps_logged
   assert all(r["loss"] != -1.0 for r in _rows(w))
+
+
+def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path):
+  """`--workdir gs://b/x` once made a local directory "gs:/b/x" and trained into it: now one line, nothing made."""
+  res = _train("gs://bucket/run", "--config.train.steps=1")
+  assert res.returncode == 1 and "train.py: --workdir=gs://bucket/run is a URL" in res.stderr, res.stderr[-2000:]
+  assert not (REPO / "gs:").exists()
