@@ -41,8 +41,15 @@ class SANConfig:
   template_set: str = "vild"
   pixel_mean: Tuple[float, float, float] = PIXEL_MEAN
   pixel_std: Tuple[float, float, float] = PIXEL_STD
+  # Backward memory: every CLIP block (feature extractor and recognition head) and every side ViT block is
+  # rematerialised ("full": only block inputs are kept, see layers.rematerialized; "none"). Training
+  # keeps gradients of the side network and CLIP's positional embedding, which flow back through all
+  # frozen CLIP blocks: without remat their attention probabilities and MLP activations all stay alive.
+  # Inference is unaffected (no backward).
+  remat: str = "full"
 
   def validate(self):
+    layers.check_remat(self.remat)
     self.side.validate()
     k, n = self.feature_last_layer_idx, self.clip.vision.layers
     if not 0 < k < n:
@@ -135,8 +142,8 @@ class SAN(nnx.Module):
     self.cfg = cfg
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.clip_visual = clip_lib.VisionTransformer(cfg.clip.vision, cfg.clip.quick_gelu,
-                                                  query_chunk=cfg.clip.attention_query_chunk, **kw)
-    self.side_adapter_network = SideAdapterNetwork(cfg.side, **kw)
+                                                  query_chunk=cfg.clip.attention_query_chunk, remat=cfg.remat, **kw)
+    self.side_adapter_network = SideAdapterNetwork(cfg.side, remat=cfg.remat, **kw)
     self.ov_classifier = OVClassifier(cfg.clip, **kw)
 
   # ---- pieces -----------------------------------------------------------------------------------------
