@@ -44,6 +44,11 @@ def rss_peak_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is in KiB on Linux
 
 
+def log(phase: str) -> None:
+  """Progress on stderr (the parent keeps only stdout's JSON line)."""
+  print(f"[{time.strftime('%H:%M:%S')}] {phase}: peak RSS so far {rss_peak_gb():.2f} GB", file=sys.stderr, flush=True)
+
+
 def xla_memory(compiled) -> Dict[str, float]:
   """XLA's buffer assignment of one compiled executable, in GB."""
   m = compiled.memory_analysis()
@@ -150,6 +155,7 @@ def parity_case(runs: int, num_classes: int = 171) -> Dict[str, float]:
   compiled = text.lower(jnp.asarray(tokens)).compile()
   biggest = {"pass": "text", **xla_memory(compiled)}
   cache["text"] = jax.tree.map(np.asarray, compiled(jnp.asarray(tokens)))
+  log("text pass")
   class_emb = jnp.asarray(cache["text"]["class_embeddings"])
 
   for train in (False, True):
@@ -160,6 +166,7 @@ def parity_case(runs: int, num_classes: int = 171) -> Dict[str, float]:
       biggest = mem
     if runs:
       cache[f"run_train={train}"] = jax.tree.map(np.asarray, compiled(jnp.asarray(batch), class_emb))
+    log(mem["pass"])
 
   crit_cfg = criterion.CriterionConfig(num_classes=num_classes)
   targets = parity_targets(sizes, batch.shape[1:3], rng)
@@ -183,6 +190,7 @@ def parity_case(runs: int, num_classes: int = 171) -> Dict[str, float]:
   args = (diff, rest, jnp.asarray(batch), class_emb, targets, draws)
   compiled = grad_fn.lower(*args).compile()
   mem = {"pass": "value_and_grad", **xla_memory(compiled)}
+  log("value_and_grad compiled")
   if mem["xla_total_gb"] > biggest["xla_total_gb"]:
     biggest = mem
   row = {"rss_compile_gb": rss_peak_gb(), **biggest}

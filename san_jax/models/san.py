@@ -116,9 +116,15 @@ class OVClassifier(clip_lib.TextTower):
                                  param_dtype)
 
   def text_embeddings(self, tokens: jax.Array) -> jax.Array:
-    """tokens [T, C, L] (templates x classes) -> per-template L2-normalised embeddings [T, C, E]."""
-    t, c, length = tokens.shape
-    return self.encode_text(tokens.reshape(t * c, length), normalize=True).reshape(t, c, -1)
+    """tokens [T, C, L] (templates x classes) -> per-template L2-normalised embeddings [T, C, E].
+
+    One template at a time (a loop, as the official classifier's loop over templates): all T*C prompts at
+    once would hold the text tower's activations for every prompt, ~10 GB of XLA temporaries for the 14
+    "vild" templates x 171 classes at ViT-L/14 ([2394, 77, 3072] per MLP hidden alone); per template
+    it is 1/T of that."""
+    if tokens.ndim != 3:
+      raise ValueError(f"text tokens must be [templates, classes, length], got shape {tokens.shape}")
+    return jax.lax.map(lambda t: self.encode_text(t, normalize=True), tokens)
 
   def class_embeddings(self, tokens: jax.Array) -> jax.Array:
     """[T, C, L] -> [C, E]: the template mean of the normalised embeddings, renormalised. Depends only on
