@@ -1,93 +1,56 @@
-"""All benchmarks, one table: `python -m benchmarks [--quick] [--out results.json]`.
+"""All benchmarks: `python -m benchmarks [--quick] [--only PART ...] [--runs 5] [--with-san] [--out FILE]`.
 
-Runs, on whatever machine this is (the table names it):
-  * SAN inference, ViT-B/16 and ViT-L/14 geometry at 640x640, 150 classes, float32 and bfloat16;
-  * the SAN train step at 640x640: ViT-B/16 at batch 1 and 2 in float32 and at batch 1 in bfloat16, ViT-L/14
-    at batch 1 in float32 and bfloat16;
-  * the CLIP ViT-B/16 image tower at 224 and 320 against the PyTorch reference (when torch is installed);
-and measures the machine's float32 matmul throughput (a jitted 2048x2048 matmul) to read GFLOP/s against.
-`--quick` runs only the float32 B/16 rows. Every number is a median of several runs after warm-up.
+Prints one Markdown table, ready to paste: every row is a part of SAN timed against the PyTorch code the
+official SAN runs for it, in this same run, in float32 and in bfloat16 (`torch.autocast("cpu",
+torch.bfloat16)` against san-jax's bfloat16 compute), with the CPU model and flags, both frameworks'
+thread counts, medians and the ratio (benchmarks/components.py lists the parts). Nothing is compared with
+numbers from another run or another machine.
+
+`--quick`: float32 only, 3 timed calls per row. `--with-san` adds a second table of the whole SAN (inference
+640x640 / 150 classes, train step batch 1; ViT-B/16, and ViT-L/14 unless --quick): san-jax only, as the
+official SAN is not installed here; its peak memory is `python -m benchmarks.memory`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 from typing import Optional, Sequence
 
-from benchmarks import clip_forward, common, san_inference, train_step
-
-
-def machine() -> str:
-  import jax
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
+from benchmarks import common, components
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--runs", type=int, default=5)
+  ap.add_argument("--quick", action="store_true", help="float32 only, 3 timed calls per row")
+  ap.add_argument("--only", nargs="+", default=None, choices=components.ROWS, help="these parts only")
+  ap.add_argument("--runs", type=int, default=None, help="timed calls per row (default 5, 3 with --quick)")
+  ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
+  ap.add_argument("--with-san", action="store_true", help="also the whole SAN, san-jax only (slow)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
-  peak = common.matmul_peak(runs=10)
-  models = ["b16"] if args.quick else ["b16", "l14"]
+  runs = args.runs or (3 if args.quick else 5)
   dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
-  failures = []
-
-  def attempt(name, fn, *a):
-    """One row; a failing row is reported (and fails the command) without losing the others."""
-    try:
-      row = fn(*a)
-      print(f"{name}: {json.dumps(row, default=str)}", flush=True)  # kept in the log if a later row dies
-      return row
-    except (Exception, SystemExit) as e:  # pylint: disable=broad-except
-      print(f"FAILED {name}: {type(e).__name__}: {e}", flush=True)
-      failures.append(f"{name}: {e}")
-      return None
-
-  inference = [attempt(f"inference {m} {d}", san_inference.bench, m, d, 640, 150, args.runs)
-               for m in models for d in dtypes]
-  # Train steps take 10-60 s each on a CPU: at most 3 timed steps per row.
-  step_rows = [("b16", 1, "float32")] if args.quick else [
-      ("b16", 1, "float32"), ("b16", 2, "float32"), ("b16", 1, "bfloat16"), ("l14", 1, "float32"), ("l14", 1, "bfloat16")]
-  steps = [attempt(f"train step {m} batch {b} {d}", train_step.bench, m, b, d, min(args.runs, 3))
-           for m, b, d in step_rows]
-  inference, steps = [r for r in inference if r], [r for r in steps if r]
-  clip = None
-  if not args.quick:
-    try:
-      import torch  # noqa: F401  (the PyTorch side of the comparison; a dev dependency)
-      clip = attempt("CLIP forward", clip_forward.main, ["--runs", str(max(args.runs, 5))])
-    except ImportError as e:
-      print(f"(CLIP forward benchmark skipped: {e})")
-
-  print(f"\nmachine: {machine()}; float32 matmul peak {peak['gflops']:.0f} GFLOP/s\n")
-  lines = ["| benchmark | dtype | s per image/step | images/s | compile s | GFLOP/s (% of f32 peak) | peak memory GB | official PyTorch |",
-           "|---|---|---|---|---|---|---|---|"]
-  for r in inference:
-    lines.append(f"| SAN {r['model']} inference 640 / 150 cls | {r['dtype']} | {r['median_s']:.3f} | {r['images_per_s']:.2f} | "
-                 f"{r['compile_s']:.1f} | {r['gflops_per_s']:.0f} ({100 * r['gflops_per_s'] / peak['gflops']:.0f}%) | "
-                 f"{r['rss_peak_gb']:.1f} RSS, {r['xla_peak_gb']:.1f} XLA | {r['official_s']:.2f} s |")
-  for r in steps:
-    off = f"{r['official_s']:.1f} s" if r["official_s"] else "-"
-    lines.append(f"| SAN {r['model']} train step 640, batch {r['batch']} | {r['dtype']} | {r['median_s']:.2f} | "
-                 f"{r['images_per_s']:.2f} | {r['compile_s']:.1f} | {r['gflops_per_s']:.0f} "
-                 f"({100 * r['gflops_per_s'] / peak['gflops']:.0f}%) | {r['rss_peak_gb']:.1f} RSS | {off} |")
-  if clip:
-    for r in clip.get("sizes", []):
-      lines.append(f"| CLIP B/16 image tower {r.get('size')} | float32 | {r.get('jax_ms', 0) / 1e3:.3f} | - | "
-                   f"{r.get('jax_compile_s', 0):.1f} | {r.get('jax_gflops', 0):.0f} | - | torch {r.get('torch_ms', 0) / 1e3:.3f} s |")
-  print("\n".join(lines))
-  result = {"machine": machine(), "matmul_peak": peak, "inference": inference, "train_step": steps, "clip": clip,
-            "failures": failures}
+  info, rows = components.run(args.only, dtypes, runs, args.torch_threads)
+  failures = [f"{r['row']} {r['dtype']}: {r['error']}" for r in rows if "error" in r]
+  result = {"machine": info, "components": rows}
+  san_table = None
+  if args.with_san:
+    from benchmarks import san_inference, train_step
+    models = ["b16"] if args.quick else ["b16", "l14"]
+    san_rows, step_rows = [], []
+    for m in models:
+      for d in dtypes:
+        try:
+          san_rows.append(san_inference.bench(m, d, 640, 150, runs))
+          step_rows.append(train_step.bench(m, 1, d, min(runs, 3)))
+        except Exception as e:  # pylint: disable=broad-except  (reported, and fails the command)
+          failures.append(f"SAN {m} {d}: {type(e).__name__}: {e}")
+    peak = common.matmul_peak(runs=5)
+    san_table = (san_inference.format_table(san_rows, peak) + "\n\n" + train_step.format_table(step_rows))
+    result.update(san_inference=san_rows, train_step=step_rows)
+  print("\n" + components.format_table(info, rows))
+  if san_table:
+    print("\nWhole SAN, san-jax only (no PyTorch counterpart in this run):\n\n" + san_table)
   common.write_json(result, args.out)
   if failures:
     raise SystemExit("benchmark rows failed:\n  " + "\n  ".join(failures))

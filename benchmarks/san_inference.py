@@ -7,8 +7,8 @@ CLIP, side adapter, recognition, and the semantic post-processing to per-class p
 input size; class text embeddings cached, as in real use), images/s, compile time, peak memory (XLA's
 buffer assignment for the compiled program, and the process's peak RSS), and GFLOP/s from XLA's cost
 analysis of the compiled program (every op, matmuls dominating) against the machine's float32 matmul
-throughput (a jitted 2048x2048 matmul). For reference, the official PyTorch SAN takes 2.56 s (B/16) and
-8.29 s (L/14) per image on this 2-core CPU (median of 5, 2 threads).
+throughput (a jitted 2048x2048 matmul). san-jax only: the PyTorch side of the comparison, part by part and
+in the same run, is `python -m benchmarks.components`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import numpy as np
 from benchmarks.common import matmul_peak, time_calls, write_json
 
 MODELS = {"b16": "san_vit_b16", "l14": "san_vit_l14"}
-OFFICIAL_SECONDS = {"b16": 2.56, "l14": 8.29}
 
 
 def bench(model_key: str, dtype: str, size: int, classes: int, runs: int) -> Dict[str, float]:
@@ -65,17 +64,17 @@ def bench(model_key: str, dtype: str, size: int, classes: int, runs: int) -> Dic
           "min_s": min(times), "images_per_s": 1.0 / t, "compile_s": compile_s, "gflop": flops / 1e9,
           "gflops_per_s": flops / t / 1e9, "xla_peak_gb": xla_bytes / 2 ** 30,
           "rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-          "official_s": OFFICIAL_SECONDS[model_key], "runs": runs}
+          "runs": runs}
 
 
 def format_table(rows: List[Dict[str, float]], peak: Dict[str, float]) -> str:
   head = (f"| model | dtype | s/image (median) | images/s | compile s | GFLOP | GFLOP/s | % of f32 matmul peak "
-          f"| XLA peak GB | RSS peak GB | official PyTorch s/image |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          f"| XLA peak GB | RSS peak GB |\n|---|---|---|---|---|---|---|---|---|---|")
   lines = [head]
   for r in rows:
     lines.append(f"| {r['model']} | {r['dtype']} | {r['median_s']:.3f} | {r['images_per_s']:.2f} | {r['compile_s']:.1f} | "
                  f"{r['gflop']:.0f} | {r['gflops_per_s']:.0f} | {100 * r['gflops_per_s'] / peak['gflops']:.0f}% | "
-                 f"{r['xla_peak_gb']:.2f} | {r['rss_peak_gb']:.2f} | {r['official_s']:.2f} |")
+                 f"{r['xla_peak_gb']:.2f} | {r['rss_peak_gb']:.2f} |")
   lines.append(f"\nfloat32 matmul peak ({peak['n']}^2, jit): {peak['gflops']:.0f} GFLOP/s; machine: "
                f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores")
   return "\n".join(lines)

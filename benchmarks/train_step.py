@@ -6,7 +6,8 @@ Per batch size: median seconds per step over `--runs` steps after the compiling 
 time, peak memory (XLA's buffer assignment of the compiled step and the process's peak RSS). The step is
 the real one (`san_jax.train.steps.Trainer`): forward in training mode (both deep-supervision outputs),
 Hungarian matching, importance-sampled losses, gradients of the trainable parameters only, clipping,
-AdamW. For reference, the official PyTorch SAN takes 7.2 s per step at batch 1 on this 2-core CPU.
+AdamW. san-jax only: the PyTorch side of the comparison, part by part (forward + backward) and in the same
+run, is `python -m benchmarks.components`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import numpy as np
 
 from benchmarks.common import time_calls, write_json
 
-OFFICIAL_STEP_S = {"b16": 7.2}  # official PyTorch SAN, batch 1, this 2-core CPU
 
 
 def make_batch(batch_size: int, size: int, num_classes: int, max_targets: int, seed: int = 0):
@@ -80,17 +80,15 @@ def bench(model_key: str, batch_size: int, dtype: str, runs: int, size: int = 64
   return {"model": model_key, "batch": batch_size, "dtype": dtype, "median_s": t, "min_s": min(times),
           "images_per_s": batch_size / t, "compile_s": compile_s, "gflop": flops / 1e9,
           "gflops_per_s": flops / t / 1e9,
-          "rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-          "official_s": OFFICIAL_STEP_S.get(model_key) if batch_size == 1 else None, "runs": runs}
+          "rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "runs": runs}
 
 
 def format_table(rows) -> str:
-  lines = ["| model | batch | dtype | s/step (median) | images/s | compile s | GFLOP/s | RSS peak GB | official PyTorch s/step |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| model | batch | dtype | s/step (median) | images/s | compile s | GFLOP/s | RSS peak GB |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    off = f"{r['official_s']:.1f}" if r["official_s"] else "-"
     lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['median_s']:.2f} | {r['images_per_s']:.2f} | "
-                 f"{r['compile_s']:.1f} | {r['gflops_per_s']:.0f} | {r['rss_peak_gb']:.2f} | {off} |")
+                 f"{r['compile_s']:.1f} | {r['gflops_per_s']:.0f} | {r['rss_peak_gb']:.2f} |")
   return "\n".join(lines)
 
 

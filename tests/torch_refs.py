@@ -68,3 +68,36 @@ def open_clip():
   _install_torchvision_stub()
   import open_clip as oc
   return oc
+
+
+def timm():
+  """timm (the side ViT's reference), with the torchvision stand-in extended by the names timm's data
+  package imports at package import (datasets, transforms; none used by its model code)."""
+  open_clip()
+  tv = sys.modules["torchvision"]
+  if getattr(tv, "__version__", "") == "0.0.0+stub" and "torchvision.datasets" not in sys.modules:
+    import importlib.machinery
+
+    class _Dummy:
+      def __init__(self, *args, **kwargs):
+        raise RuntimeError("torchvision stand-in: datasets and transforms are not available in tests")
+
+    datasets = types.ModuleType("torchvision.datasets")
+    datasets.__spec__ = importlib.machinery.ModuleSpec("torchvision.datasets", None)
+    def stand_in(name):
+      if name.startswith("__"):
+        raise AttributeError(name)
+      return _Dummy
+
+    datasets.__getattr__ = stand_in
+    tv.datasets = datasets
+    sys.modules["torchvision.datasets"] = datasets
+    transforms = sys.modules["torchvision.transforms"]
+    for mode in ("BOX", "HAMMING", "LANCZOS"):
+      setattr(transforms.InterpolationMode, mode, mode.lower())
+    sys.modules["torchvision.transforms.functional"].InterpolationMode = transforms.InterpolationMode
+    for name in ("torchvision.transforms", "torchvision.transforms.functional"):
+      sys.modules[name].__getattr__ = stand_in
+  import timm as tm
+  return tm
+

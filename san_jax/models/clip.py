@@ -166,8 +166,12 @@ class ResidualAttentionBlock(nnx.Module):
 
 
 class Transformer(nnx.Module):
+  """`remat` ("none" or "full"; see layers.rematerialized) applies per block when differentiated."""
+
   def __init__(self, width: int, n_layers: int, heads: int, mlp_ratio: float, quick_gelu: bool, *,
-               rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, query_chunk: Optional[int] = None):
+               rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, query_chunk: Optional[int] = None,
+               remat: str = "none"):
+    self.remat = layers.check_remat(remat)
     self.resblocks = nnx.List([
         ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu, rngs=rngs, dtype=dtype,
                                param_dtype=param_dtype, query_chunk=query_chunk)
@@ -179,7 +183,7 @@ class Transformer(nnx.Module):
     """Runs blocks [start, stop); block i's output is tap i+1 (the input of block 0 is tap 0)."""
     stop = len(self.resblocks) if stop is None else stop
     for i in range(start, stop):
-      x = self.resblocks[i](x, attn_bias)
+      x = layers.rematerialized(lambda blk, x, b: blk(x, b), self.resblocks[i], self.remat)(x, attn_bias)
       if taps is not None and (tap_layers is None or i + 1 in tap_layers):
         taps[i + 1] = x
     return x
@@ -189,7 +193,7 @@ class VisionTransformer(nnx.Module):
   """The CLIP image tower. `__call__` returns (image embedding or None, {layer: tokens [B, 1+h*w, D]})."""
 
   def __init__(self, cfg: VisionConfig, quick_gelu: bool = True, *, rngs: nnx.Rngs, dtype=None,
-               param_dtype=jnp.float32, query_chunk: Optional[int] = None):
+               param_dtype=jnp.float32, query_chunk: Optional[int] = None, remat: str = "none"):
     self.cfg = cfg
     self.dtype = dtype
     w, p = cfg.width, cfg.patch_size
@@ -203,7 +207,7 @@ class VisionTransformer(nnx.Module):
     self.positional_embedding = layers.param(rngs, normal, (cfg.grid_size ** 2 + 1, w), (None, "embed"), param_dtype)
     self.ln_pre = layers.layer_norm(w, CLIP_LN_EPS, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu, rngs=rngs, dtype=dtype,
-                                   param_dtype=param_dtype, query_chunk=query_chunk)
+                                   param_dtype=param_dtype, query_chunk=query_chunk, remat=remat)
     self.ln_post = layers.layer_norm(w, CLIP_LN_EPS, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.proj = layers.param(rngs, normal, (w, cfg.output_dim), ("embed", None), param_dtype)
 

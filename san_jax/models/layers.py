@@ -7,6 +7,7 @@ mesh-free (sharding is applied by `jax.jit(init, out_shardings=...)`).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -42,6 +43,62 @@ def layer_norm(features: int, eps: float, *, rngs: nnx.Rngs, dtype=None, param_d
   return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
                        scale_init=with_axes(ones, (axis_name,)), bias_init=with_axes(zeros, (axis_name,)),
                        rngs=rngs)
+
+
+REMAT_MODES = ("none", "full")
+
+
+def check_remat(remat: str) -> str:
+  if remat not in REMAT_MODES:
+    raise ValueError(f"remat={remat!r}: expected one of {list(REMAT_MODES)}")
+  return remat
+
+
+def rematerialized(fn: Callable, module: nnx.Module, remat: str) -> Callable:
+  """`fn(module, *args)` as a function of `*args`; with remat "full" its backward recomputes the forward.
+
+  Only the arguments (a transformer block's input, [B, L, D]) are kept for the backward, so the
+  [B, heads, L, L] attention probabilities and the 4x-wide MLP activations of a block exist only while
+  that block's gradient is taken: the backward holds one block's activations instead of all blocks'.
+  The cost is one more forward of the module in the backward. Without differentiation this is the plain
+  call. The module goes through nnx.split/merge (the stable NNX subset): the rematerialised function is
+  a pure function of its parameters and inputs.
+  """
+  if check_remat(remat) == "none":
+    return lambda *args: fn(module, *args)
+  graphdef, state = nnx.split(module)
+  return functools.partial(_recompute_in_backward, lambda st, *a: fn(nnx.merge(graphdef, st), *a), state)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recompute_in_backward(pure: Callable, state, *args):
+  """pure(state, *args), whose vjp recomputes the forward from (state, args) when the cotangent arrives.
+
+  Why not `jax.checkpoint`: XLA:CPU drops the optimization barriers that keep its recomputation apart, so
+  common-subexpression elimination merges the recomputed forward back into the original one and every
+  intermediate stays alive (measured: no change in the temporaries of the SAN train step). Here the
+  recomputation reads its inputs through `x + 0 * g[0]` (g the incoming cotangent): a data dependency
+  that cannot run before the later blocks' backward and is not the forward's expression, so it is neither
+  hoisted nor merged. x + 0 is exactly x for every finite cotangent (a non-finite cotangent makes the
+  gradient non-finite either way), so results equal the plain backward's up to XLA's fusion choices.
+  """
+  return pure(state, *args)
+
+
+def _recompute_fwd(pure, state, *args):
+  return pure(state, *args), (state, args)
+
+
+def _recompute_bwd(pure, residuals, g):
+  state, args = residuals
+  firsts = [leaf.reshape(-1)[0].astype(jnp.float32) for leaf in jax.tree.leaves(g) if leaf.size]
+  zero = jnp.zeros((), jnp.float32) * (sum(firsts) if firsts else jnp.zeros((), jnp.float32))
+  args = jax.tree.map(lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, args)
+  _, vjp = jax.vjp(pure, state, *args)
+  return vjp(g)
+
+
+_recompute_in_backward.defvjp(_recompute_fwd, _recompute_bwd)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:

@@ -96,7 +96,8 @@ def recognize(visual: clip_lib.VisionTransformer, tokens: jax.Array, grid_hw: Tu
 
   tokens: [B, 1+h*w, D] (CLS then patches) after CLIP block `start_block`; attn_bias:
   [B, N, layers, heads, Q, hs, ws] for N bias sets (deep-supervision outputs). Returns the L2-normalised
-  mask embeddings [B, N, Q, E] and the downsampled biases [B, N, layers, heads, Q, h, w].
+  mask embeddings [B, N, Q, E] and the downsampled biases [B, N, layers, heads, Q, h, w]. Each block is
+  rematerialised as the tower's blocks are (`visual.transformer.remat`).
   """
   blocks = visual.transformer.resblocks
   n_rec = len(blocks) - start_block
@@ -116,5 +117,9 @@ def recognize(visual: clip_lib.VisionTransformer, tokens: jax.Array, grid_hw: Tu
   ctx = tokens
   for r in range(n_rec):
     layer_bias = flat[:, :, r if n_layers > 1 else 0]
-    ctx, sos = _rec_block(blocks[start_block + r], ctx, sos, layer_bias, update_ctx=r < n_rec - 1)
+    update_ctx = r < n_rec - 1
+    block = clip_lib.layers.rematerialized(
+        lambda blk, c, s, bb, update_ctx=update_ctx: _rec_block(blk, c, s, bb, update_ctx),
+        blocks[start_block + r], visual.transformer.remat)
+    ctx, sos = block(ctx, sos, layer_bias)
   return clip_lib.l2_normalize(visual.head(sos)), small

@@ -41,8 +41,15 @@ class SANConfig:
   template_set: str = "vild"
   pixel_mean: Tuple[float, float, float] = PIXEL_MEAN
   pixel_std: Tuple[float, float, float] = PIXEL_STD
+  # Backward memory: every CLIP block (feature extractor and recognition head) and every side ViT block is
+  # rematerialised ("full": only block inputs are kept, see layers.rematerialized; "none"). Training
+  # keeps gradients of the side network and CLIP's positional embedding, which flow back through all
+  # frozen CLIP blocks: without remat their attention probabilities and MLP activations all stay alive.
+  # Inference is unaffected (no backward).
+  remat: str = "full"
 
   def validate(self):
+    layers.check_remat(self.remat)
     self.side.validate()
     k, n = self.feature_last_layer_idx, self.clip.vision.layers
     if not 0 < k < n:
@@ -109,9 +116,15 @@ class OVClassifier(clip_lib.TextTower):
                                  param_dtype)
 
   def text_embeddings(self, tokens: jax.Array) -> jax.Array:
-    """tokens [T, C, L] (templates x classes) -> per-template L2-normalised embeddings [T, C, E]."""
-    t, c, length = tokens.shape
-    return self.encode_text(tokens.reshape(t * c, length), normalize=True).reshape(t, c, -1)
+    """tokens [T, C, L] (templates x classes) -> per-template L2-normalised embeddings [T, C, E].
+
+    One template at a time (a loop, as the official classifier's loop over templates): all T*C prompts at
+    once would hold the text tower's activations for every prompt, ~10 GB of XLA temporaries for the 14
+    "vild" templates x 171 classes at ViT-L/14 ([2394, 77, 3072] per MLP hidden alone); per template
+    it is 1/T of that."""
+    if tokens.ndim != 3:
+      raise ValueError(f"text tokens must be [templates, classes, length], got shape {tokens.shape}")
+    return jax.lax.map(lambda t: self.encode_text(t, normalize=True), tokens)
 
   def class_embeddings(self, tokens: jax.Array) -> jax.Array:
     """[T, C, L] -> [C, E]: the template mean of the normalised embeddings, renormalised. Depends only on
@@ -135,8 +148,8 @@ class SAN(nnx.Module):
     self.cfg = cfg
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.clip_visual = clip_lib.VisionTransformer(cfg.clip.vision, cfg.clip.quick_gelu,
-                                                  query_chunk=cfg.clip.attention_query_chunk, **kw)
-    self.side_adapter_network = SideAdapterNetwork(cfg.side, **kw)
+                                                  query_chunk=cfg.clip.attention_query_chunk, remat=cfg.remat, **kw)
+    self.side_adapter_network = SideAdapterNetwork(cfg.side, remat=cfg.remat, **kw)
     self.ov_classifier = OVClassifier(cfg.clip, **kw)
 
   # ---- pieces -----------------------------------------------------------------------------------------

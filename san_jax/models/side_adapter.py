@@ -209,9 +209,13 @@ class MLPMaskDecoder(nnx.Module):
 
 
 class SideAdapterNetwork(nnx.Module):
-  def __init__(self, cfg: SideAdapterConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+  """`remat` ("none" or "full"; see layers.rematerialized) applies to each ViT block when differentiated."""
+
+  def __init__(self, cfg: SideAdapterConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
+               remat: str = "none"):
     cfg.validate()
     self.cfg = cfg
+    self.remat = layers.check_remat(remat)
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     normal = nnx.initializers.normal(0.02)
     self.query_embed = layers.param(rngs, normal, (1, cfg.num_queries, cfg.width), (None, None, "embed"), param_dtype)
@@ -261,7 +265,7 @@ class SideAdapterNetwork(nnx.Module):
     outs = []
     last = max(idxs)
     for i, blk in enumerate(self.vit_model.blocks, start=1):
-      x = blk(x)
+      x = layers.rematerialized(lambda b, t: b(t), blk, self.remat)(x)
       x = self._fuse(i, x, clip_maps, grid_hw, n)
       if i in idxs:
         pixels = x[:, -n:].reshape(b, grid_hw[0], grid_hw[1], -1)
