@@ -37,6 +37,7 @@ def demo_model() -> ml_collections.ConfigDict:
                 fusion_map=["0->0", "1->1", "2->2", "3->3"], deep_supervision_idxs=[3, 4],
                 attn_bias_heads=2, attn_bias_layers=1, attn_bias_embed=32, attn_bias_mlp=64,
                 attn_bias_mlp_layers=3, rescale_attn_bias=True),
+      remat="none",  # a toy: its activations fit in a few MB, so the backward need not recompute the forward
   ))
 
 
