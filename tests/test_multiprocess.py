@@ -126,7 +126,7 @@ def test_setups_that_cannot_work_fail_in_one_line(tmp_path):
   _one_line_error(res, "train.py: multi-process launch needs all of --coordinator_address")
   # A mesh the devices do not fit (8 devices, data=3).
   res = run([sys.executable, *TRAIN, "--workdir", str(tmp_path / "b"), "--config.mesh.shape.data=3"], timeout=300)
-  _one_line_error(res, "train.py: mesh {")
+  _one_line_error(res, "mesh.shape {'data': 3, 'fsdp': 1, 'model': 1} needs 3 devices, there are 8")
   # Two processes launched by hand with different configs: both stop, naming the odd one out.
   port = __import__("san_jax.launch", fromlist=["free_port"]).free_port()
   procs = [subprocess.Popen([sys.executable, *TRAIN, "--workdir", str(tmp_path / "c"), f"--config.train.seed={i}",
