@@ -290,7 +290,7 @@ print("OK")
 
 
 def test_matching_per_shard_is_scipys_and_gathers_nothing():
-  res = run([sys.executable, "-c", HLO_SCRIPT], timeout=300)
+  res = run([sys.executable, "-c", HLO_SCRIPT], timeout=900)  # ~5 s alone; a bound against a hang, not a speed test
   assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
   assert "Involuntary full rematerialization" not in res.stderr
 
