@@ -371,11 +371,14 @@ def restore_train_params(directory: str | os.PathLike, step: int) -> FlatParams:
   path = os.path.join(os.path.abspath(os.fspath(directory)), str(int(step)), STATE_ITEM)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"no train-state checkpoint at {path}")
-  ckptr = ocp.PyTreeCheckpointer()
+  # Each process reads on its own (eval.py and predict.py on every host of a pod): orbax's default restore
+  # synchronises all processes through a computation over every device, which a one-device read is not.
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone), multiprocessing_options=alone)
   tree = ckptr.metadata(path).item_metadata.tree
   if not isinstance(tree, Mapping) or "params" not in tree:
     raise ValueError(f"{path}: a train state has a 'params' item; found {sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__}")
-  dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
   abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree["params"])
   args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=dev, global_shape=a.shape, dtype=a.dtype), abstract)
   restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(item={"params": abstract}, restore_args={"params": args},

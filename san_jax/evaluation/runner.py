@@ -292,6 +292,11 @@ def write_results(path: str, results: Mapping[str, Any], options: EvalOptions, n
                   extra: Optional[Mapping[str, Any]] = None) -> None:
   ready = sem_seg.json_ready(results)
   per_class = {k: ready.pop(k) for k in ("IoU", "ACC")}
+  # Pixel counts per class (the confusion matrix's margins): what the percentages are fractions of, and a
+  # check that several hosts' slices together saw the same pixels and predicted the same as one host.
+  m = np.asarray(results["confusion_matrix"], np.int64)[:-1, :-1]
+  per_class["gt_pixels"] = dict(zip(names, m.sum(axis=0).tolist()))
+  per_class["pred_pixels"] = dict(zip(names, m.sum(axis=1).tolist()))
   doc = {"dataset": ready.pop("dataset"), "split": options.split, "num_images": ready.pop("num_images"),
          "time_s": ready.pop("time_s"), "metrics": ready, "per_class": per_class, "num_classes": len(names),
          "ignore_label": ignore,
