@@ -202,10 +202,11 @@ def _launch_and_kill(n: int, wd: Path, kill_after_step, extra=()):
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
   wd = tmp_path_factory.mktemp("chain") / "run"
-  logs = {"A": _launch_and_kill(4, wd, 5, ["--config.mesh.shape.fsdp=2"]),
-          "B": _launch_and_kill(2, wd, 9),
-          "C": _launch_and_kill(1, wd, 13),
-          "D": _launch_and_kill(1, wd, None)}
+  periodic = ["--config.train.eval_every=8", "--config.eval.max_examples=8"]  # B evaluates step 8 on 2 processes
+  logs = {"A": _launch_and_kill(4, wd, 5, ["--config.mesh.shape.fsdp=2", *periodic]),
+          "B": _launch_and_kill(2, wd, 9, periodic),
+          "C": _launch_and_kill(1, wd, 13, periodic),
+          "D": _launch_and_kill(1, wd, None, periodic)}
   return wd, logs
 
 
@@ -235,6 +236,39 @@ def test_kill_9_of_one_process_stops_the_run_and_the_same_command_resumes(chain)
   assert steps[-1] == 16, steps
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1, 0])
+def test_kill_9_without_the_launcher_the_survivor_exits_within_the_heartbeat_bound(tmp_path, victim):
+  """A pod as a scheduler starts it: one train.py per host, no launcher to stop the others. After a SIGKILL
+  of one process (1, or 0, which hosts JAX's coordination service), the other must exit by itself, with a
+  failure status, within distributed.heartbeat_timeout_s + shutdown_timeout_s (10 + 10 s here) plus a
+  margin for this loaded machine, instead of hanging in its next collective."""
+  wd = tmp_path / "run"
+  port = __import__("san_jax.launch", fromlist=["free_port"]).free_port()
+  procs = [subprocess.Popen([sys.executable, *TRAIN, "--workdir", str(wd), "--config.train.steps=100",
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                            cwd=REPO, env=env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  try:
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+      if (wd / "metrics.jsonl").exists() and max(losses(wd), default=0) >= 2:
+        break
+      time.sleep(0.2)
+    assert all(p.poll() is None for p in procs), [p.poll() for p in procs]
+    procs[victim].kill()
+    killed_at = time.monotonic()
+    survivor = procs[1 - victim]
+    _, err = survivor.communicate(timeout=300)
+    after_kill_s = time.monotonic() - killed_at
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert survivor.returncode != 0, err[-3000:]
+  assert after_kill_s < 20 + 40, (after_kill_s, err[-3000:])
+
+
 @pytest.fixture(scope="module")
 def evaluations(chain, tmp_path_factory):
   wd, _ = chain
@@ -242,12 +276,14 @@ def evaluations(chain, tmp_path_factory):
   args = ["eval.py", "--workdir", str(wd), "--max_examples", "12"]
   one = run([sys.executable, *args, "--out", str(out / "one")])
   two = run(launch_argv(2, [*args, "--out", str(out / "two")]))
-  return out, one, two
+  step8 = run([sys.executable, "eval.py", "--workdir", str(wd), "--step", "8", "--max_examples", "8",
+               "--out", str(out / "step8")])
+  return out, one, two, step8
 
 
 @pytest.mark.slow
 def test_evaluation_on_two_processes_gives_the_one_process_numbers_written_once(evaluations, chain):
-  out, one, two = evaluations
+  out, one, two, _ = evaluations
   assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
   assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-2000:]
   assert sorted(p.name for p in (out / "two").iterdir()) == ["eval_shapes.json"]
@@ -266,6 +302,25 @@ def test_evaluation_on_two_processes_gives_the_one_process_numbers_written_once(
   counts = sum(np.bincount(np.asarray(source[i]["label"]).ravel(), minlength=256)[:len(names)] for i in range(12))
   assert b["per_class"]["gt_pixels"] == dict(zip(names, counts.tolist()))
   assert sum(b["per_class"]["pred_pixels"].values()) > 0
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_on_two_processes_is_eval_py_on_one(chain, evaluations):
+  """Run B (2 processes) evaluated step 8 inside the training loop: the same numbers as eval.py on one process
+  with that step's checkpoint (the same parameters, so exactly the same pixels), written once by process 0."""
+  wd, logs = chain
+  out, _, _, step8 = evaluations
+  assert step8.returncode == 0, step8.stdout[-2000:] + step8.stderr[-3000:]
+  # C resumed from B's step 8, so nothing after B evaluated step 8 again (on one process).
+  assert re.findall(r"resumed from step (\d+)", logs["C"][1])[:1] == ["8"], logs["C"][1][-3000:]
+  assert sorted(p.name for p in (wd / "eval" / "step_8").iterdir()) == ["eval_shapes.json"]
+  loop_doc = json.loads((wd / "eval" / "step_8" / "eval_shapes.json").read_text())
+  cli_doc = json.loads((out / "step8" / "eval_shapes.json").read_text())
+  assert loop_doc["num_images"] == cli_doc["num_images"] == 8
+  assert loop_doc["metrics"] == cli_doc["metrics"] and loop_doc["per_class"] == cli_doc["per_class"]
+  rows = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  evals = [r for r in rows if r["step"] == 8 and "eval/shapes/mIoU" in r]
+  assert len(evals) == 1 and evals[0]["eval/shapes/mIoU"] == cli_doc["metrics"]["mIoU"], evals
 
 
 # ---- item 7: matching (and the importance sampling's top-k) per shard, nothing gathered ---------------------

@@ -159,13 +159,15 @@ class Segmenter:
   def __init__(self, model: san_lib.SAN, template_set: Optional[str] = None, *,
                canvas_multiple: Optional[int] = None, output_multiple: int = 64):
     self.cfg = model.cfg
-    self.class_embeddings = ClassEmbeddingCache(model.ov_classifier, template_set or model.cfg.template_set)
     devices = jax.local_devices()
     self.mesh = Mesh(np.asarray(devices), ("batch",))
     self._replicated = NamedSharding(self.mesh, P())
     self._sharded = NamedSharding(self.mesh, P("batch"))
     self.graphdef = None
     self.set_model(model)
+    # The text tower of the copy on this process's devices: a training run's model spans every host's.
+    self.class_embeddings = ClassEmbeddingCache(nnx.merge(self.graphdef, self.state).ov_classifier,
+                                                template_set or model.cfg.template_set)
     self.canvas_multiple = int(canvas_multiple or self.cfg.size_divisibility or 1)
     self.output_multiple = max(int(output_multiple), 1)
     self._forward = jax.jit(self._forward_impl, static_argnums=(3, 4))
