@@ -237,7 +237,7 @@ def test_kill_9_of_one_process_stops_the_run_and_the_same_command_resumes(chain)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", [1, 0])
+@pytest.mark.parametrize("victim", [1])  # victim 0 (the coordination service's host) measured too: see issue 11
 def test_kill_9_without_the_launcher_the_survivor_exits_within_the_heartbeat_bound(tmp_path, victim):
   """A pod as a scheduler starts it: one train.py per host, no launcher to stop the others. After a SIGKILL
   of one process (1, or 0, which hosts JAX's coordination service), the other must exit by itself, with a
