@@ -17,7 +17,7 @@ Cases (random weights; each runs in its own fresh process, so every peak RSS is 
 
 Per case: peak RSS after building and compiling (`compile`) and after running (`peak`), both from
 getrusage (the high-water mark of the process, compiler included), and XLA's memory analysis of the
-largest compiled executable (arguments, outputs, aliased (donated) bytes, temporaries); `--compile-only`
+largest compiled executable (arguments, outputs, aliased (donated) bytes, temporaries); `--compile_only`
 stops before running (XLA's numbers and the compiler's peak only). Memory does not
 depend on machine load, so these numbers are comparable across runs; the seconds printed are not.
 """

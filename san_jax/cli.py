@@ -62,7 +62,7 @@ def _call(main: Main, f: flags.FlagValues, args: List[str], prog: str, positiona
                               f"({' '.join(positional) or 'none'}), found {len(args)}: {args}")
   try:
     status = main(f, args)
-  except app.UsageError as err:
+  except app.UsageError as err:  # raised by the tool: one line too (app.run would print the whole usage)
     return _usage_error(prog, err)
   return 0 if status is None else status
 
@@ -78,7 +78,7 @@ def run(define_flags: DefineFlags, main: Main, argv: Optional[Sequence[str]] = N
     main: `(f, args) -> exit status` (None: 0); reads the flags as `f.name`.
     argv: None: the process's own command line (`sys.argv`) through `absl.app.run`, which exits with main's
       status; a list (without the program name): run in-process on a private FlagValues, return the status.
-    prog: the name in error messages ("predict.py", "python -m convert.san_checkpoint").
+    prog: the name in error messages ("predict.py", "convert.san_checkpoint").
     positional: the names of the positional arguments, checked by count (usage error otherwise); None: any
       number, checked by `main`.
     log_info: keep absl's INFO log level (train.py's progress log). Default: WARNING unless --verbosity is
@@ -98,6 +98,16 @@ def run(define_flags: DefineFlags, main: Main, argv: Optional[Sequence[str]] = N
     if not log_info:
       absl_logging.set_verbosity(absl_logging.WARNING)
     return _call(main, fv, args, prog, positional)
+  define_flags(flags.FLAGS, list(sys.argv))
+  app_run(lambda full: _call(main, flags.FLAGS, full[1:], prog, positional), prog=prog, log_info=log_info)
+  raise AssertionError("absl.app.run returned")  # it always exits
+
+
+def app_run(main: Callable[[List[str]], Optional[int]], *, prog: str, log_info: bool = False) -> None:
+  """`absl.app.run(main)` on the global FLAGS, with this module's conventions: --help/--helpfull exit 0 (absl
+  exits 1), a flag error or an `app.UsageError` from main is one line and exit status 2 (absl prints the whole
+  usage, exit 1), and the log level of `run`'s `log_info`. `run` uses it; so does demo.py, whose flags are
+  defined at import. Does not return."""
 
   def parse(full: List[str]) -> List[str]:
     try:
@@ -110,9 +120,13 @@ def run(define_flags: DefineFlags, main: Main, argv: Optional[Sequence[str]] = N
       flags.FLAGS.verbosity = absl_logging.WARNING  # app.run leaves a value that was set alone
     return rest
 
-  define_flags(flags.FLAGS, list(sys.argv))
-  app.run(lambda full: _call(main, flags.FLAGS, full[1:], prog, positional), flags_parser=parse)
-  raise AssertionError("absl.app.run returned")  # it always exits
+  def guarded(full: List[str]) -> Optional[int]:
+    try:
+      return main(full)
+    except app.UsageError as err:  # (`run`'s main has caught its own; demo.py's main has not)
+      return _usage_error(prog, err)
+
+  app.run(guarded, flags_parser=parse)
 
 
 class _ListParser(flags.ListParser):

@@ -16,7 +16,7 @@ embeddings are constants of the program, so nothing else is needed to serve it. 
 the inputs, outputs, class names, the jax version that wrote it, the calling-convention version and the
 platforms it was lowered for.
 
-Serving needs only jax and numpy: `serve_export.py` at the repository root (no san_jax import) loads and
+Serving needs only jax and numpy: `serve_export.load` at the repository root (no san_jax import) loads and
 runs it. Readers: jax guarantees six months of backward compatibility for serialized artifacts (newer
 releases read it); an older jax needs the artifact's calling convention within its
 `jax.export.minimum/maximum_supported_calling_convention_version` (0.10.2: 9..10) and its StableHLO
