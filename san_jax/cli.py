@@ -105,9 +105,9 @@ def run(define_flags: DefineFlags, main: Main, argv: Optional[Sequence[str]] = N
 
 def app_run(main: Callable[[List[str]], Optional[int]], *, prog: str, log_info: bool = False) -> None:
   """`absl.app.run(main)` on the global FLAGS, with this module's conventions: --help/--helpfull exit 0 (absl
-  exits 1), a flag error or an `app.UsageError` from main is one line and exit status 2 (absl prints the whole
-  usage, exit 1), and the log level of `run`'s `log_info`. `run` uses it; so does demo.py, whose flags are
-  defined at import. Does not return."""
+  exits 1), a flag error or an `app.UsageError` from main is one line and exit status 2 (absl: two lines for a
+  flag error, the whole usage for a UsageError, exit 1), and the log level of `run`'s `log_info`. `run` uses
+  it; so does demo.py, whose flags are defined at import. Does not return."""
 
   def parse(full: List[str]) -> List[str]:
     try:
@@ -153,8 +153,10 @@ class _ListParser(flags.ListParser):
     return f"comma-separated list of {self.item.__name__}"
 
 
-def DEFINE_typed_list(name: str, default: Optional[Sequence], help: str, flag_values: flags.FlagValues, *,  # pylint: disable=invalid-name,redefined-builtin
-                item: type = str, choices: Optional[Sequence] = None, length: Optional[int] = None):
+def DEFINE_typed_list(  # pylint: disable=invalid-name
+    name: str, default: Optional[Sequence], help: str,  # pylint: disable=redefined-builtin
+    flag_values: flags.FlagValues, *, item: type = str, choices: Optional[Sequence] = None,
+    length: Optional[int] = None):
   """A comma-separated list flag (`--size 480,640`, `--only clip_tower,side_vit`) of `item` values (str,
   int, float), optionally restricted to `choices` and to exactly `length` items: absl's DEFINE_list holds
   strings and checks nothing. Returns the FlagHolder."""
