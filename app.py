@@ -4,7 +4,7 @@
   python app.py --model san_vit_b16 --port 8080   # the official B/16 weights (Hugging Face Hub cache)
 
 Open http://127.0.0.1:7860 in a browser. Upload an image (or pick the bundled example), type class names
-separated by commas, optionally add the COCO-Stuff names (as predict.py --aug-vocab does), and press
+separated by commas, optionally add the COCO-Stuff names (as predict.py --aug_vocab does), and press
 Segment: the overlay, a legend with each class's share of the image, and downloads of the label PNG
 (class ids, uint8, or uint16 beyond 256 classes) and a JSON of the classes. The model box takes any
 source san_jax.pretrained loads (a model name, a .pth, a parameters checkpoint, a training run).
@@ -23,14 +23,15 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry calls
 os.environ.setdefault("GRADIO_SERVER_NAME", "127.0.0.1")
 
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app as absl_app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from san_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_MODEL = "runs/demo/san"
@@ -38,13 +39,16 @@ EXAMPLE = REPO / "docs" / "examples" / "shapes_scene.png"
 EXAMPLE_VOCAB = "red diamond, yellow diamond, orange hexagon"
 AUG_CHOICES = ("none", "coco_stuff", "coco_all")
 
-_MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "default model source: san_vit_b16 | san_vit_l14 | a .pth | "
-                             "a params checkpoint | a training run directory")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
-_PORT = flags.DEFINE_integer("port", 7860, "port to listen on")
-_MIN_SIZE = flags.DEFINE_integer("min_size", None, "short side of the test resize (default: the run config's "
-                                 "data.eval_min_size, else 640; 0 keeps the input size)")
-_MAX_SIZE = flags.DEFINE_integer("max_size", 2560, "long-side cap of the test resize")
+
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_string("model", DEFAULT_MODEL, "default model source: san_vit_b16 | san_vit_l14 | a .pth | a params "
+                      "checkpoint | a training run directory", flag_values=fv)
+  flags.DEFINE_string("host", "127.0.0.1", "address to listen on (127.0.0.1: this machine only)", flag_values=fv)
+  flags.DEFINE_integer("port", 7860, "port to listen on", flag_values=fv)
+  flags.DEFINE_integer("min_size", None, "short side of the test resize (default: the run config's "
+                       "data.eval_min_size, else 640; 0 keeps the input size)", flag_values=fv)
+  flags.DEFINE_integer("max_size", 2560, "long-side cap of the test resize", flag_values=fv)
 
 
 def missing_model_message(source: str) -> str:
@@ -181,17 +185,20 @@ def serve(state: SegmentApp, host: str, port: int, block: bool = True):
   return ui
 
 
-def main(argv):
-  del argv
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
+def _main(f: flags.FlagValues, args: List[str]) -> int:
+  del args
   from san_jax import pretrained
-  state = SegmentApp(_MODEL.value, _MIN_SIZE.value, _MAX_SIZE.value)
-  if _MODEL.value not in pretrained.MODEL_NAMES and not os.path.exists(_MODEL.value):
-    print(missing_model_message(_MODEL.value), flush=True)
-  print(f"open http://{_HOST.value}:{_PORT.value} in a browser", flush=True)
-  serve(state, _HOST.value, _PORT.value)
+  state = SegmentApp(f.model, f.min_size, f.max_size)
+  if f.model not in pretrained.MODEL_NAMES and not os.path.exists(f.model):
+    print(missing_model_message(f.model), flush=True)
+  print(f"open http://{f.host}:{f.port} in a browser", flush=True)
+  serve(state, f.host, f.port)
+  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="app.py")
 
 
 if __name__ == "__main__":
-  absl_app.run(main)
+  main()

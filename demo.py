@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo_shapes.py", "the demo config", lock_config=False)
@@ -231,4 +231,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from san_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.app_run(main, prog="demo.py", log_info=True)

@@ -23,95 +23,83 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
+from san_jax import cli
 
-def _define_flags(fv: flags.FlagValues, argv: List[str]):
-  f = {}
-  f["config"] = config_flags.DEFINE_config_file("config", None, "a configs/*.py file (evaluation options)",
-                                                flag_values=fv, lock_config=False, sys_argv=argv)
-  f["workdir"] = flags.DEFINE_string("workdir", None, "a training run directory (config.json + checkpoints)",
-                                     flag_values=fv)
-  f["checkpoint"] = flags.DEFINE_string("checkpoint", None, "a SAN parameters checkpoint directory or an official "
-                                        ".pth", flag_values=fv)
-  f["model"] = flags.DEFINE_string("model", None, "any model source san_jax.pretrained loads: san_vit_b16 | "
-                                   "san_vit_l14 (Hugging Face Hub), a .pth, a params checkpoint, a run directory",
-                                   flag_values=fv)
-  f["step"] = flags.DEFINE_integer("step", None, "with --workdir: evaluate this saved step (default: the latest)",
-                                   flag_values=fv)
-  f["datasets"] = flags.DEFINE_list("datasets", None, "comma-separated data set names (default: the config's "
-                                    "data.eval_datasets, else coco_stuff_171)", flag_values=fv)
-  f["data_dir"] = flags.DEFINE_string("data_dir", None, "where the built data sets are (default: "
-                                      "config data.data_dir)", flag_values=fv)
-  f["out"] = flags.DEFINE_string("out", None, "output directory for eval_<dataset>.json (default: WORKDIR/eval "
-                                 "or ./eval_results)", flag_values=fv)
-  f["batch_size"] = flags.DEFINE_integer("batch_size", None, "images per batch and host (default: config "
-                                         "eval.batch_size)", flag_values=fv)
-  f["max_examples"] = flags.DEFINE_integer("max_examples", None, "evaluate only the first N images",
-                                           flag_values=fv)
-  f["tta"] = flags.DEFINE_boolean("tta", None, "multi-scale + flip test-time augmentation", flag_values=fv)
-  f["sliding_window"] = flags.DEFINE_boolean("sliding_window", None, "sliding-window inference", flag_values=fv)
+
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  config_flags.DEFINE_config_file("config", None, "a configs/*.py file (evaluation options)", flag_values=fv,
+                                  lock_config=False, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "a training run directory (config.json + checkpoints)", flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, "a SAN parameters checkpoint directory or an official .pth",
+                      flag_values=fv)
+  flags.DEFINE_string("model", None, "any model source san_jax.pretrained loads: san_vit_b16 | san_vit_l14 "
+                      "(Hugging Face Hub), a .pth, a params checkpoint, a run directory", flag_values=fv)
+  flags.DEFINE_integer("step", None, "with --workdir: evaluate this saved step (default: the latest)",
+                       flag_values=fv)
+  flags.DEFINE_list("datasets", None, "comma-separated data set names (default: the config's "
+                    "data.eval_datasets, else coco_stuff_171)", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "where the built data sets are (default: config data.data_dir)",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory for eval_<dataset>.json (default: WORKDIR/eval or "
+                      "./eval_results)", flag_values=fv)
+  flags.DEFINE_integer("batch_size", None, "images per batch and host (default: config eval.batch_size)",
+                       flag_values=fv)
+  flags.DEFINE_integer("max_examples", None, "evaluate only the first N images", flag_values=fv)
+  flags.DEFINE_boolean("tta", None, "multi-scale + flip test-time augmentation", flag_values=fv)
+  flags.DEFINE_boolean("sliding_window", None, "sliding-window inference", flag_values=fv)
   from san_jax import launch  # pylint: disable=g-import-not-at-top
-  f["distributed"] = launch.add_distributed_flags(fv)
-  return f
+  launch.add_distributed_flags(fv)
 
 
-def _run_config(f) -> Optional[ConfigDict]:
-  cfg = f["config"].value
-  if cfg is None and f["workdir"].value:
-    path = Path(f["workdir"].value) / "config.json"
+def _run_config(f: flags.FlagValues) -> Optional[ConfigDict]:
+  cfg = f.config
+  if cfg is None and f.workdir:
+    path = Path(f.workdir) / "config.json"
     if not path.exists():
-      raise FileNotFoundError(f"{path} not found: is {f['workdir'].value} a training run directory?")
+      raise FileNotFoundError(f"{path} not found: is {f.workdir} a training run directory?")
     cfg = ConfigDict(json.loads(path.read_text()))
   return cfg
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  fv = flags.FlagValues()
-  f = _define_flags(fv, ["eval.py"] + argv)
-  if any(a in ("-h", "--help", "--helpfull") for a in argv):
-    print(__doc__ + "\nflags:\n" + fv.get_help())
-    return 0
-  fv(["eval.py"] + argv)
+def _main(f: flags.FlagValues, args: List[str]) -> int:
+  del args
   sources = [k for k in ("workdir", "checkpoint", "model") if f[k].value]
   if len(sources) != 1:
     print("eval.py: give exactly one of --workdir, --checkpoint and --model", file=sys.stderr)
     return 2
   logging.basicConfig(level=logging.WARNING)
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore step at INFO
 
   from san_jax import launch, pretrained
   from san_jax.evaluation import runner
   from san_jax.train import sharding
   cfg = _run_config(f)
   try:  # before anything touches the devices
-    launch.initialize_from_flags(f["distributed"], cfg)
+    launch.initialize_from_flags(f, cfg)
     sharding.check_processes_agree(cfg.to_dict() if cfg is not None else {}, "evaluation config")
   except sharding.TopologyError as err:
     print(f"eval.py: {err}", file=sys.stderr)
     return 2
-  overrides = dict(batch_size=f["batch_size"].value, max_examples=f["max_examples"].value, tta=f["tta"].value,
-                   sliding_window=f["sliding_window"].value)
+  overrides = dict(batch_size=f.batch_size, max_examples=f.max_examples, tta=f.tta, sliding_window=f.sliding_window)
   options = (runner.EvalOptions.from_config(cfg, **overrides) if cfg is not None
              else runner.EvalOptions(**{k: v for k, v in overrides.items() if v is not None}))
-  datasets = f["datasets"].value or (list(cfg.data.get("eval_datasets", [])) if cfg is not None else []) \
+  datasets = f.datasets or (list(cfg.data.get("eval_datasets", [])) if cfg is not None else []) \
       or ["coco_stuff_171"]
   unknown = [d for d in datasets if d not in runner.DATASETS]
   if unknown:
     print(f"eval.py: unknown data sets {unknown}; known: {', '.join(runner.DATASETS)}", file=sys.stderr)
     return 2
-  data_dir = f["data_dir"].value or (cfg.data.get("data_dir", "") if cfg is not None else "") or None
-  out = f["out"].value or (os.path.join(f["workdir"].value, "eval") if f["workdir"].value else "eval_results")
+  data_dir = f.data_dir or (cfg.data.get("data_dir", "") if cfg is not None else "") or None
+  out = f.out or (os.path.join(f.workdir, "eval") if f.workdir else "eval_results")
 
   kind = {"workdir": "workdir", "checkpoint": "params", "model": None}[sources[0]]
   try:  # --config's model geometry (when given) must be the weights'
-    loaded = pretrained.load(f[sources[0]].value, step=f["step"].value, kind=kind,
-                             config=f["config"].value.get("model") if f["config"].value is not None else None)
+    loaded = pretrained.load(f[sources[0]].value, step=f.step, kind=kind,
+                             config=f.config.get("model") if f.config is not None else None)
   except pretrained.PretrainedError as e:
     print(f"eval.py: {e}", file=sys.stderr)
     return 2
@@ -131,5 +119,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="eval.py")
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -1,8 +1,9 @@
-"""Serve a `python -m san_jax.export` artifact with nothing but jax and numpy (no san_jax import).
+"""Serve a `python -m san_jax.export` artifact with nothing but jax and numpy (`load` imports no san_jax).
 
     python serve_export.py /srv/san image.png --out labels.png     # one image (PIL reads it, if installed)
     python serve_export.py /srv/san batch.npy --out labels.npy     # uint8 [B, H, W, 3]
 
+(The command line itself is the repository's, absl through san_jax.cli, like every other entry point.)
 In a server, keep the loaded function and call it per request:
 
     from serve_export import load
@@ -12,11 +13,10 @@ In a server, keep the loaded function and call it per request:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -52,29 +52,37 @@ def load(directory: str) -> Tuple[Callable[[np.ndarray], Tuple[np.ndarray, np.nd
   return run, meta
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("artifact", help="the directory python -m san_jax.export wrote")
-  ap.add_argument("images", help="an image file (needs PIL) or a .npy of uint8 [B, H, W, 3]")
-  ap.add_argument("--out", required=True, help="labels: .png (one image) or .npy")
-  args = ap.parse_args(argv)
-  run, meta = load(args.artifact)
-  if args.images.endswith(".npy"):
-    images = np.load(args.images)
+def _define_flags(fv, argv: List[str]) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("out", None, "labels: .png (one image) or .npy", required=True, flag_values=fv)
+
+
+def _main(f, args: List[str]) -> int:
+  artifact, images_path = args  # the directory python -m san_jax.export wrote; an image file (needs PIL) or .npy
+  run, meta = load(artifact)
+  if images_path.endswith(".npy"):
+    images = np.load(images_path)
   else:
     from PIL import Image
-    images = np.asarray(Image.open(args.images).convert("RGB"))
+    images = np.asarray(Image.open(images_path).convert("RGB"))
   labels, _ = run(images)
-  if args.out.endswith(".npy"):
-    np.save(args.out, labels)
+  if f.out.endswith(".npy"):
+    np.save(f.out, labels)
   else:
     from PIL import Image
-    Image.fromarray(labels[0].astype(np.uint8 if len(meta["class_names"]) <= 256 else np.uint16)).save(args.out)
+    Image.fromarray(labels[0].astype(np.uint8 if len(meta["class_names"]) <= 256 else np.uint16)).save(f.out)
   present = np.bincount(labels.ravel(), minlength=len(meta["class_names"]))
   top = sorted(((c, meta["class_names"][i]) for i, c in enumerate(present) if c), reverse=True)[:5]
   print(f"{labels.shape[0]} image(s): " + ", ".join(f"{n} {100 * c / labels.size:.0f}%" for c, n in top))
   return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`python serve_export.py ARTIFACT IMAGES --out LABELS`; in-process: main([ARTIFACT, IMAGES, "--out", ...])."""
+  from san_jax import cli  # pylint: disable=g-import-not-at-top  (the command line only; load() needs no san_jax)
+  return cli.run(_define_flags, _main, argv, prog="serve_export.py", positional=["ARTIFACT", "IMAGES"])
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -19,29 +19,34 @@ unreadable checkpoints, or a failed save.
 import logging
 import os
 import sys
+from typing import List, Optional, Sequence
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
-flags.mark_flags_as_required(["config", "workdir"])
-from san_jax import launch  # pylint: disable=g-import-not-at-top,wrong-import-position
-_DISTRIBUTED = launch.add_distributed_flags()
+from san_jax import cli, launch
 
 
-def main(argv):
-  del argv
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True, flag_values=fv,
+                                  sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)", flag_values=fv)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+  launch.add_distributed_flags(fv)
+
+
+def _main(f: flags.FlagValues, args: List[str]) -> int:
+  del args
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   from san_jax import checkpoint
   from san_jax.train import loop, sharding, validate
   from san_jax.train import workdir as workdir_lib
-  if "://" in _WORKDIR.value:  # Path("gs://b/x") would quietly make a local directory "gs:/b/x"
-    sys.exit(f"train.py: --workdir={_WORKDIR.value} is a URL; the workdir must be a file system path that every "
+  if "://" in f.workdir:  # Path("gs://b/x") would quietly make a local directory "gs:/b/x"
+    sys.exit(f"train.py: --workdir={f.workdir} is a URL; the workdir must be a file system path that every "
              "host sees (NFS, or the bucket mounted, e.g. with gcsfuse)")
   try:
-    launch.initialize_from_flags(_DISTRIBUTED, _CONFIG.value)
-    loop.train(_CONFIG.value, _WORKDIR.value)
+    launch.initialize_from_flags(f, f.config)
+    loop.train(f.config, f.workdir)
   except loop.Preempted as err:
     print(f"train.py: {err}", file=sys.stderr, flush=True)
     sys.exit(loop.PREEMPTED_EXIT_STATUS)
@@ -54,7 +59,12 @@ def main(argv):
     logging.shutdown()
     sys.stdout.flush()
     os._exit(1)
+  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="train.py", log_info=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -1,4 +1,4 @@
-"""All benchmarks: `python -m benchmarks [--quick] [--only PART ...] [--runs 5] [--with-san] [--out FILE]`.
+"""All benchmarks: `python -m benchmarks [--quick] [--only PART,...] [--runs 5] [--with_san] [--out FILE]`.
 
 Prints one Markdown table, ready to paste: every row is a part of SAN timed against the PyTorch code the
 official SAN runs for it, in this same run, in float32 and in bfloat16 (`torch.autocast("cpu",
@@ -6,28 +6,33 @@ torch.bfloat16)` against san-jax's bfloat16 compute), with the CPU model and fla
 thread counts, medians and the ratio (benchmarks/components.py lists the parts). Nothing is compared with
 numbers from another run or another machine.
 
-`--quick`: float32 only, 3 timed calls per row. `--with-san` adds a second table of the whole SAN (inference
+`--quick`: float32 only, 3 timed calls per row. `--with_san` adds a second table of the whole SAN (inference
 640x640 / 150 classes, train step batch 1; ViT-B/16, and ViT-L/14 unless --quick): san-jax only, as the
 official SAN is not installed here; its peak memory is `python -m benchmarks.memory`.
 """
 
 from __future__ import annotations
 
-import argparse
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
+
+from absl import flags
 
 from benchmarks import common, components
+from san_jax import cli
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--quick", action="store_true", help="float32 only, 3 timed calls per row")
-  ap.add_argument("--only", nargs="+", default=None, choices=components.ROWS, help="these parts only")
-  ap.add_argument("--runs", type=int, default=None, help="timed calls per row (default 5, 3 with --quick)")
-  ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
-  ap.add_argument("--with-san", action="store_true", help="also the whole SAN, san-jax only (slow)")
-  ap.add_argument("--out", default=None)
-  args = ap.parse_args(argv)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_boolean("quick", False, "float32 only, 3 timed calls per row", flag_values=fv)
+  cli.DEFINE_typed_list("only", None, "these parts only", fv, choices=components.ROWS)
+  flags.DEFINE_integer("runs", None, "timed calls per row (default 5, 3 with --quick)", flag_values=fv)
+  flags.DEFINE_integer("torch_threads", None, "default: torch's own choice", flag_values=fv)
+  flags.DEFINE_boolean("with_san", False, "also the whole SAN, san-jax only (slow)", flag_values=fv)
+  flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+
+
+def _main(args: flags.FlagValues, positional: List[str]) -> None:
+  del positional
   runs = args.runs or (3 if args.quick else 5)
   dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
   info, rows = components.run(args.only, dtypes, runs, args.torch_threads)
@@ -54,7 +59,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   common.write_json(result, args.out)
   if failures:
     raise SystemExit("benchmark rows failed:\n  " + "\n  ".join(failures))
-  return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="benchmarks")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """CLIP ViT-B/16 image tower forward: JAX (jit, float32) vs the PyTorch reference (open_clip), same run.
 
-  python -m benchmarks.clip_forward [--sizes 224 320] [--runs 10] [--out results.json]
+  python -m benchmarks.clip_forward [--sizes 224,320] [--runs 10] [--out results.json]
 
 Both run the same random weights (converted with convert/clip_checkpoint.py) on a batch of 1 square
 image. Where the input is not the pretraining size, both resize the positional embedding bicubically on
@@ -13,18 +13,19 @@ matmul throughput is measured with a jitted 2048x2048 jnp matmul.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from absl import flags
+
 from benchmarks.common import matmul_peak, time_calls, time_interleaved  # noqa: F401 (re-exported)
+from san_jax import cli
 
 MODEL = "ViT-B/16"
 
@@ -132,15 +133,16 @@ def format_table(result: dict) -> str:
   return "\n".join(rows)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.clip_forward", description=__doc__.split("\n")[0])
-  p.add_argument("--sizes", type=int, nargs="+", default=[224, 320])
-  p.add_argument("--runs", type=int, default=10, help="timed calls per measurement (at least 5)")
-  p.add_argument("--torch-threads", type=int, default=2)
-  p.add_argument("--out", help="write the results as JSON here")
-  args = p.parse_args(argv)
-  if args.runs < 5:
-    p.error("--runs must be at least 5")
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  cli.DEFINE_typed_list("sizes", [224, 320], "image sides", fv, item=int)
+  flags.DEFINE_integer("runs", 10, "timed calls per measurement (at least 5)", lower_bound=5, flag_values=fv)
+  flags.DEFINE_integer("torch_threads", 2, "torch threads", flag_values=fv)
+  flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+
+
+def _main(args: flags.FlagValues, positional: List[str]) -> None:
+  del positional
 
   import jax
   import torch
@@ -160,9 +162,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=2)
       f.write("\n")
-  return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="benchmarks.clip_forward")
 
 
 if __name__ == "__main__":
   main()
-  sys.exit(0)

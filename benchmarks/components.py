@@ -1,6 +1,6 @@
 """SAN's parts against their PyTorch references, side by side in one run, float32 and bfloat16.
 
-  python -m benchmarks.components [--only clip_tower side_vit ...] [--dtypes float32 bfloat16] [--runs 5]
+  python -m benchmarks.components [--only clip_tower,side_vit,...] [--dtypes float32,bfloat16] [--runs 5]
 
 Every row times the san-jax code and the PyTorch code that the official SAN runs for the same part, on the
 same random weights and inputs (ViT-B/16 geometry, a 640x640 image, batch 1), and checks that both compute
@@ -25,7 +25,6 @@ Timing: calls alternate between the two frameworks (background load falls on bot
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -33,7 +32,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from absl import flags
+
 from benchmarks.common import time_interleaved, write_json
+from san_jax import cli
 
 ROWS = ("matmul_2048", "clip_tower", "side_vit", "rec_blocks", "postprocess", "side_vit_train", "clip_train", "rec_train")
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
@@ -350,14 +352,17 @@ def run(only: Optional[Sequence[str]] = None, dtypes: Sequence[str] = ("float32"
   return machine_info(), rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--only", nargs="+", default=None, choices=ROWS)
-  ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-  ap.add_argument("--runs", type=int, default=5)
-  ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
-  ap.add_argument("--out", default=None)
-  args = ap.parse_args(argv)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  cli.DEFINE_typed_list("only", None, "these parts only", fv, choices=ROWS)
+  cli.DEFINE_typed_list("dtypes", ["float32", "bfloat16"], "compute dtypes", fv, choices=["float32", "bfloat16"])
+  flags.DEFINE_integer("runs", 5, "timed calls per row", flag_values=fv)
+  flags.DEFINE_integer("torch_threads", None, "default: torch's own choice", flag_values=fv)
+  flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+
+
+def _main(args: flags.FlagValues, positional: List[str]) -> None:
+  del positional
   info, rows = run(args.only, args.dtypes, args.runs, args.torch_threads)
   print(format_table(info, rows))
   result = {"machine": info, "rows": rows}
@@ -365,7 +370,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   failed = [f"{r['row']} {r['dtype']}" for r in rows if "error" in r]
   if failed:
     raise SystemExit(f"rows failed: {failed}")
-  return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="benchmarks.components")
 
 
 if __name__ == "__main__":

@@ -12,17 +12,23 @@ time is not counted), which varies less than wall time on a shared machine. Host
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import List, Optional, Sequence
+
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from san_jax import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from san_jax.data import augment, pipeline, shapes  # noqa: E402  pylint: disable=g-import-not-at-top
+
+FLAG_NAMES = ("source", "size", "num_examples", "batch_size", "batches", "warmup", "num_threads", "num_workers",
+              "prefetch", "max_targets", "no_masks")
 
 
 def _source(args, tmp: str):
@@ -30,26 +36,30 @@ def _source(args, tmp: str):
   if args.source == "memory":
     return shapes.ShapesSource(args.num_examples, spec=spec)
   from san_jax.data import build  # pylint: disable=g-import-not-at-top
-  build.main(["shapes", "--data_dir", tmp, "--image_size", str(args.size), str(args.size), "--num_train",
+  build.main(["shapes", "--data_dir", tmp, "--image_size", f"{args.size},{args.size}", "--num_train",
               str(args.num_examples), "--num_val", "1"])
   return pipeline.load_source("shapes", "train", tmp,
                               config=f"custom_{args.size}x{args.size}_n{args.num_examples}_1_s0_all")
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--source", choices=("tfds", "memory"), default="tfds")
-  p.add_argument("--size", type=int, default=640, help="synthetic image side")
-  p.add_argument("--num_examples", type=int, default=64)
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--batches", type=int, default=20)
-  p.add_argument("--warmup", type=int, default=3)
-  p.add_argument("--num_threads", type=int, default=os.cpu_count() or 2)
-  p.add_argument("--num_workers", type=int, default=0)
-  p.add_argument("--prefetch", type=int, default=2)
-  p.add_argument("--max_targets", type=int, default=64)
-  p.add_argument("--no_masks", action="store_true", help="skip the [K, H, W] target masks")
-  args = p.parse_args()
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_enum("source", "tfds", ["tfds", "memory"], "an ArrayRecord set built into a temp dir, or rendered "
+                    "on the fly", flag_values=fv)
+  flags.DEFINE_integer("size", 640, "synthetic image side", flag_values=fv)
+  flags.DEFINE_integer("num_examples", 64, "images in the set", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 8, "images per batch", flag_values=fv)
+  flags.DEFINE_integer("batches", 20, "timed batches", flag_values=fv)
+  flags.DEFINE_integer("warmup", 3, "batches before timing", flag_values=fv)
+  flags.DEFINE_integer("num_threads", os.cpu_count() or 2, "grain threads", flag_values=fv)
+  flags.DEFINE_integer("num_workers", 0, "grain worker processes", flag_values=fv)
+  flags.DEFINE_integer("prefetch", 2, "batches prefetched", flag_values=fv)
+  flags.DEFINE_integer("max_targets", 64, "target masks per image after padding", flag_values=fv)
+  flags.DEFINE_boolean("no_masks", False, "skip the [K, H, W] target masks", flag_values=fv)
+
+
+def _main(args: flags.FlagValues, positional: List[str]) -> None:
+  del positional
 
   with tempfile.TemporaryDirectory() as tmp:
     src = _source(args, tmp)
@@ -64,12 +74,16 @@ def main() -> None:
       for _ in range(args.batches):
         batch = next(pipe)
       dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-  result = dict(vars(args), batches_per_s=round(args.batches / dt, 3),
+  result = dict({k: args[k].value for k in FLAG_NAMES}, batches_per_s=round(args.batches / dt, 3),
                 images_per_s=round(args.batches * args.batch_size / dt, 2),
                 cpu_s_per_batch=round(cpu / args.batches, 3), load_avg_1min=os.getloadavg()[0],
                 cpu_count=os.cpu_count(),
                 batch_shapes={k: list(v.shape) for k, v in batch.items()})
   print(json.dumps(result))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="benchmarks/data_pipeline.py")
 
 
 if __name__ == "__main__":

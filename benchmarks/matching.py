@@ -12,12 +12,14 @@ to 64 with 4..24 valid per image (COCO-Stuff images show about 5-20 classes), 2 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from typing import List, Optional, Sequence
 
 import numpy as np
+from absl import flags
 
+from san_jax import cli
 from san_jax.losses import matcher
 
 
@@ -34,14 +36,17 @@ def host_time_s(images: int, queries: int, targets: int, outputs: int, repeats: 
   return statistics.median(times)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--batch", type=int, default=32, help="global batch")
-  p.add_argument("--queries", type=int, default=100)
-  p.add_argument("--targets", type=int, default=64, help="targets per image after padding")
-  p.add_argument("--outputs", type=int, default=2, help="deep-supervision outputs matched per step")
-  p.add_argument("--repeats", type=int, default=20)
-  args = p.parse_args(argv)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_integer("batch", 32, "global batch", flag_values=fv)
+  flags.DEFINE_integer("queries", 100, "queries per image", flag_values=fv)
+  flags.DEFINE_integer("targets", 64, "targets per image after padding", flag_values=fv)
+  flags.DEFINE_integer("outputs", 2, "deep-supervision outputs matched per step", flag_values=fv)
+  flags.DEFINE_integer("repeats", 20, "timed repeats", flag_values=fv)
+
+
+def _main(args: flags.FlagValues, positional: List[str]) -> int:
+  del positional
   print(f"matching host time per step: batch {args.batch}, {args.queries} queries, {args.targets} padded "
         f"targets, {args.outputs} outputs")
   print("hosts  images/host  ms/step/host")
@@ -53,5 +58,9 @@ def main(argv=None) -> int:
   return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="benchmarks.matching")
+
+
 if __name__ == "__main__":
-  raise SystemExit(main())
+  main()

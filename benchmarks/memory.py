@@ -1,6 +1,6 @@
 """Peak memory of SAN training on the CPU: the process's peak RSS and XLA's buffer assignment.
 
-  python -m benchmarks.memory [--cases b16_train l14_train l14_parity] [--runs 1] [--compile-only] [--out FILE]
+  python -m benchmarks.memory [--cases b16_train,l14_train,l14_parity] [--runs 1] [--compile_only] [--out FILE]
 
 Cases (random weights; each runs in its own fresh process, so every peak RSS is that case's alone):
   * `b16_train`, `l14_train`: the real train step (`san_jax.train.steps.Trainer`) at batch 1, 640x640,
@@ -17,14 +17,13 @@ Cases (random weights; each runs in its own fresh process, so every peak RSS is 
 
 Per case: peak RSS after building and compiling (`compile`) and after running (`peak`), both from
 getrusage (the high-water mark of the process, compiler included), and XLA's memory analysis of the
-largest compiled executable (arguments, outputs, aliased (donated) bytes, temporaries); `--compile-only`
+largest compiled executable (arguments, outputs, aliased (donated) bytes, temporaries); `--compile_only`
 stops before running (XLA's numbers and the compiler's peak only). Memory does not
 depend on machine load, so these numbers are comparable across runs; the seconds printed are not.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
@@ -34,7 +33,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from absl import flags
+
 from benchmarks.common import write_json
+from san_jax import cli
 
 CASES = ("b16_train", "l14_train", "l14_parity")
 GB = 2 ** 30
@@ -250,17 +252,21 @@ def measure(cases: Sequence[str], runs: int) -> List[Dict]:
   return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
-  ap.add_argument("--runs", type=int, default=1, help="executions per case after compiling (timing only)")
-  ap.add_argument("--compile-only", action="store_true", help="build and compile, do not run (XLA's numbers)")
-  ap.add_argument("--out", default=None)
-  ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-  args = ap.parse_args(argv)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  cli.DEFINE_typed_list("cases", list(CASES), "the cases to measure", fv, choices=CASES)
+  flags.DEFINE_integer("runs", 1, "executions per case after compiling (timing only)", flag_values=fv)
+  flags.DEFINE_boolean("compile_only", False, "build and compile, do not run (XLA's numbers)", flag_values=fv)
+  flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+  flags.DEFINE_enum("child", None, list(CASES), "internal: measure this one case in this process (the parent "
+                    "runs each case in a child process of its own)", flag_values=fv)
+
+
+def _main(args: flags.FlagValues, positional: List[str]) -> None:
+  del positional
   if args.child:
     print(json.dumps(run_case(args.child, args.runs)), flush=True)
-    return {}
+    return
   rows = measure(args.cases, 0 if args.compile_only else args.runs)
   print(format_table(rows))
   result = {"rows": rows}
@@ -268,7 +274,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   failed = [r["case"] for r in rows if "error" in r]
   if failed:
     raise SystemExit(f"memory cases failed: {failed}")
-  return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="benchmarks.memory")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Full SAN inference: one image at 640x640 with a 150-class vocabulary, random weights, jitted.
 
-  python -m benchmarks.san_inference [--models b16 l14] [--dtypes float32 bfloat16] [--runs 5] [--out FILE]
+  python -m benchmarks.san_inference [--models b16,l14] [--dtypes float32,bfloat16] [--runs 5] [--out FILE]
 
 Per (model, dtype): median seconds per image over `--runs` calls after warm-up (the whole forward:
 CLIP, side adapter, recognition, and the semantic post-processing to per-class probabilities at the
@@ -13,7 +13,6 @@ in the same run, is `python -m benchmarks.components`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import resource
@@ -23,7 +22,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from absl import flags
+
 from benchmarks.common import matmul_peak, time_calls, write_json
+from san_jax import cli
 
 MODELS = {"b16": "san_vit_b16", "l14": "san_vit_l14"}
 
@@ -80,21 +82,27 @@ def format_table(rows: List[Dict[str, float]], peak: Dict[str, float]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--models", nargs="+", default=["b16"], choices=sorted(MODELS))
-  ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-  ap.add_argument("--size", type=int, default=640)
-  ap.add_argument("--classes", type=int, default=150)
-  ap.add_argument("--runs", type=int, default=5)
-  ap.add_argument("--out", default=None)
-  args = ap.parse_args(argv)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  cli.DEFINE_typed_list("models", ["b16"], "the SAN geometries", fv, choices=sorted(MODELS))
+  cli.DEFINE_typed_list("dtypes", ["float32", "bfloat16"], "compute dtypes", fv)
+  flags.DEFINE_integer("size", 640, "image side", flag_values=fv)
+  flags.DEFINE_integer("classes", 150, "vocabulary size", flag_values=fv)
+  flags.DEFINE_integer("runs", 5, "timed calls", flag_values=fv)
+  flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+
+
+def _main(args: flags.FlagValues, positional: List[str]) -> None:
+  del positional
   peak = matmul_peak(runs=10)
   rows = [bench(m, d, args.size, args.classes, args.runs) for m in args.models for d in args.dtypes]
   print(format_table(rows, peak))
   result = {"rows": rows, "matmul_peak": peak}
   write_json(result, args.out)
-  return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="benchmarks.san_inference")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """SAN train step: ViT-B/16 geometry at 640x640, random weights, the official criterion (112x112 points).
 
-  python -m benchmarks.train_step [--model b16] [--batch-sizes 1 2] [--dtype float32] [--runs 5] [--out FILE]
+  python -m benchmarks.train_step [--model b16] [--batch_sizes 1,2] [--dtype float32] [--runs 5] [--out FILE]
 
 Per batch size: median seconds per step over `--runs` steps after the compiling one, images/s, compile
 time, peak memory (XLA's buffer assignment of the compiled step and the process's peak RSS). The step is
@@ -12,16 +12,18 @@ run, is `python -m benchmarks.components`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import statistics
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from absl import flags
+
 from benchmarks.common import time_calls, write_json
+from san_jax import cli
 
 
 
@@ -92,19 +94,25 @@ def format_table(rows) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", default="b16", choices=["b16", "l14"])
-  ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2])
-  ap.add_argument("--dtype", default="float32")
-  ap.add_argument("--runs", type=int, default=5)
-  ap.add_argument("--out", default=None)
-  args = ap.parse_args(argv)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_enum("model", "b16", ["b16", "l14"], "the SAN geometry", flag_values=fv)
+  cli.DEFINE_typed_list("batch_sizes", [1, 2], "batch sizes", fv, item=int)
+  flags.DEFINE_string("dtype", "float32", "compute dtype", flag_values=fv)
+  flags.DEFINE_integer("runs", 5, "timed calls", flag_values=fv)
+  flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+
+
+def _main(args: flags.FlagValues, positional: List[str]) -> None:
+  del positional
   rows = [bench(args.model, b, args.dtype, args.runs) for b in args.batch_sizes]
   print(format_table(rows))
   result = {"rows": rows}
   write_json(result, args.out)
-  return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="benchmarks.train_step")
 
 
 if __name__ == "__main__":

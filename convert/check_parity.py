@@ -27,14 +27,16 @@ through the conversion table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from absl import flags
+
+from san_jax import cli
 
 REL_TOL = 2e-4
 FLOOR_FACTOR = 10.0  # tolerance = max(REL_TOL * max|ref|, FLOOR_FACTOR * the official code's own noise)
@@ -526,22 +528,28 @@ def check(case_dir: str, dtype: str = "float32", out=sys.stdout) -> Tuple[List[D
   return extra + rows, n_ok == len(rows) and all(r["ok"] for r in extra)
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("case_dir")
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                  help="compute dtype (parameters stay float32); bfloat16 is for measuring, not passing")
-  ap.add_argument("--json", default=None, help="write the rows as JSON here")
-  args = ap.parse_args(argv)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (parameters stay float32); "
+                    "bfloat16 is for measuring, not passing", flag_values=fv)
+  flags.DEFINE_string("json", None, "write the rows as JSON here", flag_values=fv)
+
+
+def _main(f: flags.FlagValues, args: List[str]) -> int:
   try:
-    rows, ok = check(args.case_dir, args.dtype)
+    rows, ok = check(args[0], f.dtype)
   except CaseError as e:
     print(f"check_parity: {e}", file=sys.stderr)
     return 2
-  if args.json:
-    Path(args.json).write_text(json.dumps(rows, indent=1))
+  if f.json:
+    Path(f.json).write_text(json.dumps(rows, indent=1))
   return 0 if ok else 1
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`python -m convert.check_parity CASE_DIR [--dtype bfloat16] [--json OUT]`; in-process: main([CASE_DIR])."""
+  return cli.run(_define_flags, _main, argv, prog="check_parity", positional=["CASE_DIR"])
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -13,26 +13,26 @@ The geometry (CLIPConfig) is inferred from the tensor shapes; attention heads fo
 Run:
   python -m convert.clip_checkpoint ViT-B-16.pt out/clip_b16             # -> orbax dir + config.json
   python -m convert.clip_checkpoint hf_clip_dir/ out/clip_b16 --format hf
-  python -m convert.clip_checkpoint out/clip_b16 back.pth --to-torch     # open_clip state dict
-  python -m convert.clip_checkpoint out/clip_b16 back.safetensors --to-hf
+  python -m convert.clip_checkpoint out/clip_b16 back.pth --to_torch     # open_clip state dict
+  python -m convert.clip_checkpoint out/clip_b16 back.safetensors --to_hf
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import re
-import sys
 import zipfile
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from absl import flags
 
 from convert.mapping import (ConversionError, clip_resblock, Entry, conv_kernel, fused_qkv_bias, fused_qkv_kernel, layer_norm,
                              linear, linear_kernel, nnx_to_torch, same, torch_to_nnx)
+from san_jax import cli
 from san_jax.models import clip as clip_lib
 from san_jax.models.clip import CLIP_LN_EPS, CLIPConfig, TextConfig, VisionConfig
 
@@ -460,26 +460,28 @@ def _write_json(obj, path: str) -> None:
   os.replace(tmp, path)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m convert.clip_checkpoint", description=__doc__.split("\n")[0])
-  p.add_argument("input", help="checkpoint file / HF directory; with --to-torch/--to-hf an orbax params dir")
-  p.add_argument("output", help="orbax output dir; with --to-torch a .pth, with --to-hf a .safetensors or a dir")
-  p.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
-  way = p.add_mutually_exclusive_group()
-  way.add_argument("--to-torch", action="store_true", help="orbax params -> open_clip state dict")
-  way.add_argument("--to-hf", action="store_true", help="orbax params -> Hugging Face CLIPModel weights")
-  p.add_argument("--exact-gelu", action="store_true", help="the weights use erf GELU, not OpenAI's QuickGELU")
-  p.add_argument("--force", action="store_true", help="overwrite an existing output")
-  args = p.parse_args(argv)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_enum("format", "auto", ("auto",) + FORMATS, "the input's layout", flag_values=fv)
+  flags.DEFINE_boolean("to_torch", False, "orbax params -> open_clip state dict", flag_values=fv)
+  flags.DEFINE_boolean("to_hf", False, "orbax params -> Hugging Face CLIPModel weights", flag_values=fv)
+  flags.mark_bool_flags_as_mutual_exclusive(["to_torch", "to_hf"], flag_values=fv)
+  flags.DEFINE_boolean("exact_gelu", False, "the weights use erf GELU, not OpenAI's QuickGELU", flag_values=fv)
+  flags.DEFINE_boolean("force", False, "overwrite an existing output", flag_values=fv)
+
+
+def _main(f: flags.FlagValues, args: List[str]) -> int:
+  # INPUT: a checkpoint file / HF directory; with --to_torch/--to_hf an orbax params dir.
+  # OUTPUT: an orbax output dir; with --to_torch a .pth, with --to_hf a .safetensors or a dir.
+  source, out = args
   from san_jax import checkpoint
 
-  if args.to_torch or args.to_hf:
-    flat, cfg_dict = checkpoint.restore_params(args.input)
+  if f.to_torch or f.to_hf:
+    flat, cfg_dict = checkpoint.restore_params(source)
     cfg = config_from_dict(cfg_dict)
-    out = args.output
-    if not args.force and os.path.exists(out) and not os.path.isdir(out):
+    if not f.force and os.path.exists(out) and not os.path.isdir(out):
       raise SystemExit(f"{out} exists (use --force)")
-    if args.to_torch:
+    if f.to_torch:
       save_torch_state_dict(nnx_to_open_clip(flat, cfg), out)
     else:
       if not out.endswith(".safetensors"):  # a directory in HF's layout: from_pretrained(out) works
@@ -490,9 +492,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"wrote {out}")
     return 0
 
-  flat, cfg, fmt = load_clip_checkpoint(args.input, args.format, quick_gelu=False if args.exact_gelu else None)
+  flat, cfg, fmt = load_clip_checkpoint(source, f.format, quick_gelu=False if f.exact_gelu else None)
   cfg_dict = config_to_dict(cfg)
-  directory = checkpoint.save_params(args.output, flat, cfg_dict, force=args.force)
+  directory = checkpoint.save_params(out, flat, cfg_dict, force=f.force)
   _write_json(cfg_dict, os.path.join(directory, "config.json"))
   n = sum(int(np.prod(v.shape)) for v in flat.values())
   print(f"{fmt} CLIP ({n:,} parameters): vision {cfg.vision}, text {cfg.text}, quick_gelu={cfg.quick_gelu}")
@@ -500,5 +502,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`python -m convert.clip_checkpoint INPUT OUTPUT [--format hf] [--to_torch | --to_hf]`; in-process:
+  main([INPUT, OUTPUT, ...])."""
+  return cli.run(_define_flags, _main, argv, prog="convert.clip_checkpoint", positional=["INPUT", "OUTPUT"])
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -11,40 +11,46 @@ seed, as training built them; see san_jax.pretrained) are written together with 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
+
+from absl import flags
+
+from san_jax import cli
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m convert.export_params", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("workdir", help="a training run directory (config.json + checkpoints/)")
-  ap.add_argument("out", help="the parameters checkpoint directory to write (must not exist)")
-  ap.add_argument("--step", type=int, default=None, help="the saved step (default: the latest readable one)")
-  args = ap.parse_args(argv)
-  if os.path.exists(args.out):
-    print(f"export_params: {args.out} exists; choose a new directory (nothing was written)", file=sys.stderr)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_integer("step", None, "the saved step (default: the latest readable one)", flag_values=fv)
+
+
+def _main(f: flags.FlagValues, args: List[str]) -> int:
+  workdir, out = args  # a training run directory (config.json + checkpoints/); the checkpoint to write
+  if os.path.exists(out):
+    print(f"export_params: {out} exists; choose a new directory (nothing was written)", file=sys.stderr)
     return 2
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every restore step at INFO
   from san_jax import checkpoint, pretrained
   from san_jax.models import params as params_lib
   from san_jax.models import san as san_lib
   try:
-    p = pretrained.load(args.workdir, step=args.step, kind="workdir")
+    p = pretrained.load(workdir, step=f.step, kind="workdir")
   except pretrained.PretrainedError as e:
     print(f"export_params: {e}", file=sys.stderr)
     return 2
   flat = params_lib.flat_params(p.model)
   meta = {"san_config": san_lib.config_to_dict(p.config), "source": {"workdir": p.origin, "step": p.step},
           "run_config": json.loads(p.run_config.to_json_best_effort())}
-  path = checkpoint.save_params(args.out, flat, meta)
+  path = checkpoint.save_params(out, flat, meta)
   print(f"wrote {path}: {len(flat)} arrays ({params_lib.count(flat):,} values) of {p.describe()}")
   return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`python -m convert.export_params WORKDIR OUT [--step N]`; in-process: main([WORKDIR, OUT])."""
+  return cli.run(_define_flags, _main, argv, prog="export_params", positional=["WORKDIR", "OUT"])
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -1,7 +1,7 @@
 """Official SAN checkpoints (`{"model": state_dict}`, PyTorch) <-> san-jax parameters (orbax).
 
     python -m convert.san_checkpoint san_vit_b_16.pth OUT_DIR [--config san_vit_b16]
-    python -m convert.san_checkpoint OUT_DIR back.pth --to-torch
+    python -m convert.san_checkpoint OUT_DIR back.pth --to_torch
 
 The geometry is inferred from the state dict where the keys determine it (widths, depths, patch sizes,
 query count, grid sizes, the split point `feature_last_layer_idx`, attention-bias heads and MLP sizes, the
@@ -16,18 +16,19 @@ checked, never silently dropped: `ov_classifier.attn_mask` must be the causal te
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import re
 import sys
 from pathlib import Path as FsPath
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from absl import flags
 
 from convert import mapping as m
+from san_jax import cli
 from san_jax.models import clip as clip_lib
 from san_jax.models.san import SANConfig, config_from_dict, config_to_dict, san_config
 from san_jax.models.side_adapter import SideAdapterConfig, parse_fusion_map
@@ -349,47 +350,55 @@ def _no_default(width):
   raise m.ConversionError(f"no official SAN config has CLIP width {width}; pass --config")
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("src")
-  ap.add_argument("dst")
-  ap.add_argument("--to-torch", action="store_true", help="src is a san-jax checkpoint dir, dst a .pth")
-  ap.add_argument("--config", default=None, help="san_vit_b16 | san_vit_l14 | a config.json (default: by width)")
-  ap.add_argument("--num-classes", type=int, default=None, help="for criterion.empty_weight with --to-torch")
-  args = ap.parse_args(argv)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_boolean("to_torch", False, "SRC is a san-jax checkpoint dir, DST a .pth", flag_values=fv)
+  flags.DEFINE_string("config", None, "san_vit_b16 | san_vit_l14 | a config.json (default: by width)",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_classes", None, "for criterion.empty_weight with --to_torch", flag_values=fv)
+
+
+def _main(f: flags.FlagValues, args: List[str]) -> int:
+  src, dst = args
 
   from flax import nnx
   from san_jax import checkpoint
   from san_jax.models import params as params_lib
   from san_jax.models.san import SAN
 
-  if args.to_torch:
+  if f.to_torch:
     import torch
-    flat, meta = checkpoint.restore_params(args.src)
+    flat, meta = checkpoint.restore_params(src)
     cfg = config_from_dict(meta["san_config"])
-    n = args.num_classes if args.num_classes is not None else meta.get("num_classes")
+    n = f.num_classes if f.num_classes is not None else meta.get("num_classes")
     sd = flat_to_official(flat, cfg, n, meta.get("no_object_weight", 0.1))
-    torch.save({"model": {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in sd.items()}}, args.dst)
-    print(f"wrote {args.dst}: {len(sd)} tensors")
+    torch.save({"model": {k: torch.from_numpy(np.require(v, requirements="C")) for k, v in sd.items()}}, dst)
+    print(f"wrote {dst}: {len(sd)} tensors")
     return 0
-  sd = load_torch_state_dict(args.src)
-  check_is_san(sd, args.src)
-  if args.config is None:
+  sd = load_torch_state_dict(src)
+  check_is_san(sd, src)
+  if f.config is None:
     cfg = default_config_for(sd)
-  elif args.config.endswith(".json"):
-    cfg = config_from_dict(json.loads(FsPath(args.config).read_text()))
+  elif f.config.endswith(".json"):
+    cfg = config_from_dict(json.loads(FsPath(f.config).read_text()))
   else:
-    cfg = san_config(args.config)
+    cfg = san_config(f.config)
   model = nnx.eval_shape(lambda: SAN(cfg, rngs=nnx.Rngs(0)))
   flat = official_to_flat(sd, cfg, params_lib.param_shapes(model))
   info = check_buffers(sd, cfg)
-  checkpoint.save_params(args.dst, flat, {"san_config": config_to_dict(cfg), **info})
-  print(f"wrote {args.dst}: {len(flat)} arrays from {len(sd)} tensors ({sum(v.size for v in flat.values()):,} values)")
+  checkpoint.save_params(dst, flat, {"san_config": config_to_dict(cfg), **info})
+  print(f"wrote {dst}: {len(flat)} arrays from {len(sd)} tensors ({sum(v.size for v in flat.values()):,} values)")
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`python -m convert.san_checkpoint SRC DST [--config NAME] [--to_torch]`; in-process: main([SRC, DST, ...])
+  (a ConversionError propagates; the command line prints it as one line, exit status 1)."""
+  return cli.run(_define_flags, _main, argv, prog="convert.san_checkpoint", positional=["SRC", "DST"])
 
 
 if __name__ == "__main__":
   try:
-    sys.exit(main())
+    main()
   except m.ConversionError as err:  # one message naming the file and the problem, no traceback
     sys.exit(f"convert.san_checkpoint: error: {err}")

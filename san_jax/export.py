@@ -1,7 +1,7 @@
 """A serving artifact of the whole SAN inference for one vocabulary and one input size (jax.export).
 
-    python -m san_jax.export --model san_vit_b16 --vocab "cat, dog, grass" --size 480 640 --out /srv/san
-    python -m san_jax.export --model runs/demo/san --vocab "red circle, blue square" --size 128 128 --out /tmp/e
+    python -m san_jax.export --model san_vit_b16 --vocab "cat, dog, grass" --size 480,640 --out /srv/san
+    python -m san_jax.export --model runs/demo/san --vocab "red circle, blue square" --size 128,128 --out /tmp/e
 
 DIR/model.jaxexport is `jax.export.Exported.serialize()` (StableHLO with its calling convention) of
 
@@ -16,7 +16,7 @@ embeddings are constants of the program, so nothing else is needed to serve it. 
 the inputs, outputs, class names, the jax version that wrote it, the calling-convention version and the
 platforms it was lowered for.
 
-Serving needs only jax and numpy: `serve_export.py` at the repository root (no san_jax import) loads and
+Serving needs only jax and numpy: `serve_export.load` at the repository root (no san_jax import) loads and
 runs it. Readers: jax guarantees six months of backward compatibility for serialized artifacts (newer
 releases read it); an older jax needs the artifact's calling convention within its
 `jax.export.minimum/maximum_supported_calling_convention_version` (0.10.2: 9..10) and its StableHLO
@@ -25,13 +25,15 @@ version (serialized for a StableHLO about four weeks older than the writer's).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+from absl import flags
+
+from san_jax import cli
 
 ARTIFACT = "model.jaxexport"
 META = "model.json"
@@ -96,36 +98,42 @@ def export(pretrained_model, vocabulary: Sequence[str], size: Tuple[int, int], o
   return meta
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m san_jax.export", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", required=True, help="any source san_jax.pretrained loads: san_vit_b16 | "
-                  "san_vit_l14, a .pth, a params checkpoint, a training run directory")
-  ap.add_argument("--step", type=int, default=None, help="with a training run: the saved step")
-  ap.add_argument("--vocab", required=True, help='class names, comma separated: "cat, dog, grass"')
-  ap.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="input height and width")
-  ap.add_argument("--out", required=True, help="output directory (must not exist)")
-  ap.add_argument("--platforms", default="cpu", help="comma-separated lowering platforms (cpu, cuda, tpu)")
-  args = ap.parse_args(argv)
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  absl_logging.set_verbosity(absl_logging.WARNING)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_string("model", None, "any source san_jax.pretrained loads: san_vit_b16 | san_vit_l14, a .pth, a "
+                      "params checkpoint, a training run directory", required=True, flag_values=fv)
+  flags.DEFINE_integer("step", None, "with a training run: the saved step", flag_values=fv)
+  flags.DEFINE_string("vocab", None, 'class names, comma separated: "cat, dog, grass"', required=True,
+                      flag_values=fv)
+  cli.DEFINE_typed_list("size", None, "input height and width: H,W", fv, item=int, length=2)
+  flags.mark_flag_as_required("size", flag_values=fv)
+  flags.DEFINE_string("out", None, "output directory (must not exist)", required=True, flag_values=fv)
+  flags.DEFINE_list("platforms", ["cpu"], "comma-separated lowering platforms (cpu, cuda, tpu)", flag_values=fv)
+
+
+def _main(f: flags.FlagValues, args: List[str]) -> int:
+  del args
   from san_jax import pretrained  # pylint: disable=g-import-not-at-top
   from san_jax.text.classifier import VocabularyError, parse_vocabulary  # pylint: disable=g-import-not-at-top
-  if os.path.exists(args.out):
-    print(f"san_jax.export: {args.out} exists; choose a new directory (nothing was written)", file=sys.stderr)
+  if os.path.exists(f.out):
+    print(f"san_jax.export: {f.out} exists; choose a new directory (nothing was written)", file=sys.stderr)
     return 2
   try:
-    names = parse_vocabulary(args.vocab)
-    p = pretrained.load(args.model, step=args.step)
-    meta = export(p, names, tuple(args.size), args.out, [s.strip() for s in args.platforms.split(",") if s.strip()])
+    names = parse_vocabulary(f.vocab)
+    p = pretrained.load(f.model, step=f.step)
+    meta = export(p, names, tuple(f.size), f.out, [s for s in f.platforms if s])
   except (pretrained.PretrainedError, VocabularyError, ValueError) as e:
     print(f"san_jax.export: {e}", file=sys.stderr)
     return 2
-  print(f"wrote {args.out}/{ARTIFACT} ({os.path.getsize(os.path.join(args.out, ARTIFACT)):,} bytes): "
+  print(f"wrote {f.out}/{ARTIFACT} ({os.path.getsize(os.path.join(f.out, ARTIFACT)):,} bytes): "
         f"{len(meta['class_names'])} classes, input [B, {meta['size'][0]}, {meta['size'][1]}, 3] uint8, "
         f"platforms {meta['platforms']}, jax {meta['jax_version']}")
   return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run(_define_flags, _main, argv, prog="san_jax.export")
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

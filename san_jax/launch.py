@@ -19,7 +19,6 @@ process 0's address (Cloud TPU pods and SLURM need none of them: JAX detects the
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -29,34 +28,41 @@ import threading
 import time
 from typing import IO, List, Optional, Sequence
 
+from absl import flags
+
+from san_jax import cli
+
 DEFAULT_DEVICES = 8
 
 
-def add_distributed_flags(flag_values=None) -> dict:
-  """Defines --coordinator_address, --num_processes, --process_id on absl `flag_values` (default: the
-  global FLAGS); returns the flag holders by name. Default: JAX's cluster auto-detection, else 1 process."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  fv = flags.FLAGS if flag_values is None else flag_values
-  return {
-      "coordinator_address": flags.DEFINE_string(
-          "coordinator_address", None, "host:port of process 0's coordinator for a multi-process run "
-          "(default: detected on Cloud TPU / SLURM / Open MPI / Kubernetes, else one process)", flag_values=fv),
-      "num_processes": flags.DEFINE_integer("num_processes", None, "number of processes of a multi-process run "
-                                            "(default: detected, else 1)", flag_values=fv),
-      "process_id": flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes) "
-                                         "(default: detected, else 0)", flag_values=fv),
-  }
+def add_distributed_flags(fv: flags.FlagValues) -> None:
+  """Defines --coordinator_address, --num_processes, --process_id on the absl FlagValues `fv`, as flags of
+  the calling tool (its --help lists them). Default: JAX's cluster auto-detection, else 1 process."""
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator for a multi-process run "
+                      "(default: detected on Cloud TPU / SLURM / Open MPI / Kubernetes, else one process)",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "number of processes of a multi-process run (default: detected, "
+                       "else 1)", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes) (default: detected, "
+                       "else 0)", flag_values=fv)
+  for name in ("coordinator_address", "num_processes", "process_id"):
+    fv.register_key_flag_for_module(_caller_module(), fv[name])
 
 
-def initialize_from_flags(holders: dict, config=None) -> bool:
-  """`sharding.initialize_distributed` with the flags of `add_distributed_flags` and the timeouts of the
-  config's `distributed` section (when it has one)."""
+def _caller_module() -> str:
+  """The module name absl files a flag under for the code two frames up (`sys.argv[0]` for `__main__`)."""
+  name = sys._getframe(2).f_globals.get("__name__")  # pylint: disable=protected-access
+  return sys.argv[0] if name == "__main__" else name
+
+
+def initialize_from_flags(f: flags.FlagValues, config=None) -> bool:
+  """`sharding.initialize_distributed` with the flags of `add_distributed_flags` (read from the parsed
+  FlagValues `f`) and the timeouts of the config's `distributed` section (when it has one)."""
   from san_jax.train import sharding  # pylint: disable=g-import-not-at-top
   timeouts = None
   if config is not None and "distributed" in config:
     timeouts = dict(config["distributed"])
-  return sharding.initialize_distributed(holders["coordinator_address"].value, holders["num_processes"].value,
-                                         holders["process_id"].value, timeouts=timeouts)
+  return sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id, timeouts=timeouts)
 
 
 def free_port() -> int:
@@ -149,27 +155,30 @@ def launch(command: Sequence[str], processes: int, devices: int = DEFAULT_DEVICE
   return max(own) if own else max(_exit_status(p.returncode) for p in procs)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m san_jax.launch", description=__doc__.split("\n\n")[0],
-      usage="python -m san_jax.launch --processes N [--devices 8] -- SCRIPT.py ARGS...")
-  parser.add_argument("--processes", type=int, required=True, help="number of local processes")
-  parser.add_argument("--devices", type=int, default=DEFAULT_DEVICES,
-                      help="fake CPU devices in total, split evenly over the processes (default 8)")
-  parser.add_argument("--port", type=int, default=None, help="coordinator port on 127.0.0.1 (default: a free one)")
-  parser.add_argument("--grace_s", type=float, default=10.0,
-                      help="seconds between SIGTERM and SIGKILL of the others when one process fails")
-  parser.add_argument("command", nargs=argparse.REMAINDER, help="-- SCRIPT.py ARGS...")
-  args = parser.parse_args(argv)
-  command = list(args.command)
-  if command[:1] == ["--"]:
-    command = command[1:]
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_integer("processes", None, "number of local processes", lower_bound=1, flag_values=fv)
+  flags.mark_flag_as_required("processes", flag_values=fv)
+  flags.DEFINE_integer("devices", DEFAULT_DEVICES, "fake CPU devices in total, split evenly over the processes",
+                       flag_values=fv)
+  flags.DEFINE_integer("port", None, "coordinator port on 127.0.0.1 (default: a free one)", flag_values=fv)
+  flags.DEFINE_float("grace_s", 10.0, "seconds between SIGTERM and SIGKILL of the others when one process fails",
+                     flag_values=fv)
+
+
+def _main(f: flags.FlagValues, command: List[str]) -> int:
   try:
-    return launch(command, args.processes, args.devices, args.port, args.grace_s)
+    return launch(command, f.processes, f.devices, f.port, f.grace_s)
   except ValueError as err:
     print(f"san_jax.launch: {err}", file=sys.stderr)
     return 2
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`python -m san_jax.launch --processes N [--devices 8] -- SCRIPT.py ARGS...`: absl stops reading flags at
+  `--`; everything after it is the command."""
+  return cli.run(_define_flags, _main, argv, prog="san_jax.launch", positional=None)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -105,7 +105,7 @@ def test_cli_open_clip_file_round_trip(open_clip_model, tmp_path):
   flat, cfg_dict = checkpoint.restore_params(tmp_path / "ckpt")
   assert cc.config_from_dict(cfg_dict) == clip.clip_config_from_open_clip(TINY_OPEN_CLIP)
   assert os.path.isfile(tmp_path / "ckpt" / "config.json")
-  assert cc.main([str(tmp_path / "ckpt"), str(tmp_path / "back.pth"), "--to-torch"]) == 0
+  assert cc.main([str(tmp_path / "ckpt"), str(tmp_path / "back.pth"), "--to_torch"]) == 0
   back = torch.load(tmp_path / "back.pth", weights_only=True)
   assert_same_state_dict({k: v.numpy() for k, v in back.items()}, {k: v.numpy() for k, v in sd.items()})
 
@@ -113,12 +113,12 @@ def test_cli_open_clip_file_round_trip(open_clip_model, tmp_path):
 def test_cli_hf_round_trip(hf_model, tmp_path):
   hf_model.save_pretrained(tmp_path / "hf")  # config.json + model.safetensors
   assert cc.main([str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--format", "hf"]) == 0
-  assert cc.main([str(tmp_path / "ckpt"), str(tmp_path / "back.safetensors"), "--to-hf"]) == 0
+  assert cc.main([str(tmp_path / "ckpt"), str(tmp_path / "back.safetensors"), "--to_hf"]) == 0
   sd, info = cc.read_checkpoint(str(tmp_path / "back.safetensors"))
   assert info["container"] == "safetensors"
   assert_same_state_dict(sd, numpy_sd(hf_model))
   # A directory output is an HF model directory.
-  assert cc.main([str(tmp_path / "ckpt"), str(tmp_path / "hf_back"), "--to-hf"]) == 0
+  assert cc.main([str(tmp_path / "ckpt"), str(tmp_path / "hf_back"), "--to_hf"]) == 0
   again = transformers.CLIPModel.from_pretrained(tmp_path / "hf_back")
   assert_same_state_dict(numpy_sd(again), numpy_sd(hf_model))
 

@@ -335,7 +335,7 @@ def test_shapes_builder_matches_in_memory_source(tmp_path):
 
 def test_build_cli_shapes(tmp_path, capsys):
   from san_jax.data import build as build_cli
-  assert build_cli.main(["shapes", "--data_dir", str(tmp_path), "--image_size", "16", "24", "--num_train",
+  assert build_cli.main(["shapes", "--data_dir", str(tmp_path), "--image_size", "16,24", "--num_train",
                          "2", "--num_val", "1"]) == 0
   out = capsys.readouterr().out
   assert "train: 2 examples" in out and "val: 1 examples" in out
@@ -345,7 +345,7 @@ def test_build_cli_shapes(tmp_path, capsys):
   assert src.class_names == shapes.class_names()
 
 
-def test_build_cli_needs_manual_dir(tmp_path):
+def test_build_cli_needs_manual_dir(tmp_path, capsys):
   from san_jax.data import build as build_cli
-  with pytest.raises(SystemExit):
-    build_cli.main(["voc_20", "--data_dir", str(tmp_path)])
+  assert build_cli.main(["voc_20", "--data_dir", str(tmp_path)]) == 2
+  assert "voc_20 needs --manual_dir" in capsys.readouterr().err

@@ -203,7 +203,7 @@ def test_sixteen_bit_labels_with_their_ignore_value():
 
 def test_tfds_built_source_gives_the_same_batches(tmp_path):
   from san_jax.data import build
-  assert build.main(["shapes", "--data_dir", str(tmp_path), "--image_size", "24", "32", "--num_train", "6",
+  assert build.main(["shapes", "--data_dir", str(tmp_path), "--image_size", "24,32", "--num_train", "6",
                      "--num_val", "2", "--seed", "3"]) == 0
   src = pipeline.load_source("shapes", "train", tmp_path, config="custom_24x32_n6_2_s3_all")
   assert src.class_names == shapes.class_names() and src.ignore_label == 255 and len(src) == 6

@@ -38,7 +38,7 @@ def test_exported_artifact_served_without_san_jax_gives_the_live_label_maps(tmp_
   flat, san_config = pretrained.quick_random_params(tiny.get_config().model, seed=2)
   ckpt = checkpoint.save_params(tmp_path / "params", flat, {"san_config": san_config})
   out = tmp_path / "artifact"
-  assert export.main(["--model", ckpt, "--vocab", ", ".join(VOCAB), "--size", str(H), str(W), "--out", str(out)]) == 0
+  assert export.main(["--model", ckpt, "--vocab", ", ".join(VOCAB), "--size", f"{H},{W}", "--out", str(out)]) == 0
   meta = json.loads((out / export.META).read_text())
   assert meta["class_names"] == VOCAB and meta["size"] == [H, W] and meta["inputs"][0]["shape"][0] == "B"
   images = np.stack([shapes.render(i, split="val", spec=shapes.ShapesSpec(image_size=(H, W)))["image"]
@@ -60,7 +60,7 @@ def test_exported_artifact_served_without_san_jax_gives_the_live_label_maps(tmp_
 
 def test_export_refuses_an_existing_directory_and_a_bad_vocabulary(tmp_path, capsys):
   (tmp_path / "taken").mkdir()
-  assert export.main(["--model", "san_vit_b16", "--vocab", "a", "--size", "32", "32", "--out", str(tmp_path / "taken")]) == 2
+  assert export.main(["--model", "san_vit_b16", "--vocab", "a", "--size", "32,32", "--out", str(tmp_path / "taken")]) == 2
   assert "exists" in capsys.readouterr().err
   with pytest.raises(FileNotFoundError, match="no model.jaxexport"):
     import serve_export

@@ -227,14 +227,14 @@ def test_bfloat16_compute_stays_close_to_the_float32_reference():
 
 
 def test_san_checkpoint_cli_round_trip(tmp_path):
-  """python -m convert.san_checkpoint IN.pth OUT --config cfg.json, then --to-torch: the same state dict."""
+  """python -m convert.san_checkpoint IN.pth OUT --config cfg.json, then --to_torch: the same state dict."""
   import torch
   sd, cfg = _tiny_case_sd_and_cfg()
   cfg_path = tmp_path / "cfg.json"
   cfg_path.write_text(json.dumps(san_lib.config_to_dict(cfg)))
   src = case_dir("tiny_b16") / "model.pth"
   assert sc.main([str(src), str(tmp_path / "ckpt"), "--config", str(cfg_path)]) == 0
-  assert sc.main([str(tmp_path / "ckpt"), str(tmp_path / "back.pth"), "--to-torch"]) == 0
+  assert sc.main([str(tmp_path / "ckpt"), str(tmp_path / "back.pth"), "--to_torch"]) == 0
   back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
   assert set(back) == set(sd)
   for k, v in sd.items():

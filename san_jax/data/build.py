@@ -2,7 +2,7 @@
 
   python -m san_jax.data.build coco_stuff_171 --manual_dir ~/datasets --data_dir ~/tensorflow_datasets
   python -m san_jax.data.build ade20k_150 --manual_dir ~/datasets/ADEChallengeData2016 --data_dir OUT
-  python -m san_jax.data.build shapes --data_dir OUT [--config small | --image_size 96 96 --num_train 500]
+  python -m san_jax.data.build shapes --data_dir OUT [--config small | --image_size 96,96 --num_train 500]
 
 --manual_dir may be a detectron2 `datasets/` root or the data set's own folder (san_jax/data/README.md lists
 the layouts). A corrupt or inconsistent file stops the build with an error naming it; --skip_corrupt drops
@@ -12,46 +12,47 @@ such examples instead and reports them. Reading needs no TensorFlow:
 
 from __future__ import annotations
 
-import argparse
-import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import tensorflow_datasets as tfds
+from absl import app, flags
 
+from san_jax import cli
 from san_jax.data import builders
 
-
-def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m san_jax.data.build", description=__doc__.splitlines()[0])
-  p.add_argument("name", choices=sorted(builders.BUILDERS))
-  p.add_argument("--data_dir", required=True, help="where the built data set goes (TFDS data_dir)")
-  p.add_argument("--manual_dir", help="the raw data (required for every set but shapes)")
-  p.add_argument("--skip_corrupt", action="store_true", help="drop unreadable/inconsistent examples")
-  g = p.add_argument_group("shapes only")
-  g.add_argument("--config", help=f"a predefined shapes config: "
-                 f"{[c.name for c in builders.Shapes.BUILDER_CONFIGS]}")
-  g.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"))
-  g.add_argument("--num_train", type=int)
-  g.add_argument("--num_val", type=int)
-  g.add_argument("--seed", type=int)
-  g.add_argument("--train_classes", choices=("all", "seen"))
-  return p.parse_args(argv)
+SHAPES_FIELDS = ("image_size", "num_train", "num_val", "seed", "train_classes")  # the flags only shapes takes
 
 
-def make_builder(args: argparse.Namespace) -> tfds.core.DatasetBuilder:
-  kwargs = dict(data_dir=args.data_dir, file_format="array_record")
-  if args.name == "shapes":
-    return builders.Shapes(config=_shapes_config(args), **kwargs)
-  if not args.manual_dir:
-    raise SystemExit(f"{args.name} needs --manual_dir (see san_jax/data/README.md)")
-  return builders.get_builder_class(args.name)(skip_corrupt=args.skip_corrupt, **kwargs)
+def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
+  del argv
+  flags.DEFINE_string("data_dir", None, "where the built data set goes (TFDS data_dir)", required=True,
+                      flag_values=fv)
+  flags.DEFINE_string("manual_dir", None, "the raw data (required for every set but shapes)", flag_values=fv)
+  flags.DEFINE_boolean("skip_corrupt", False, "drop unreadable/inconsistent examples", flag_values=fv)
+  flags.DEFINE_enum("config", None, [c.name for c in builders.Shapes.BUILDER_CONFIGS], "shapes only: a "
+                    "predefined shapes config", flag_values=fv)
+  cli.DEFINE_typed_list("image_size", None, "shapes only: image height and width, H,W", fv, item=int, length=2)
+  flags.DEFINE_integer("num_train", None, "shapes only: training images", flag_values=fv)
+  flags.DEFINE_integer("num_val", None, "shapes only: validation images", flag_values=fv)
+  flags.DEFINE_integer("seed", None, "shapes only: the rendering seed", flag_values=fv)
+  flags.DEFINE_enum("train_classes", None, ["all", "seen"], "shapes only: the classes of the training split",
+                    flag_values=fv)
 
 
-def _shapes_config(args: argparse.Namespace):
+def make_builder(name: str, f: flags.FlagValues) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of data set `name` with the parsed flags `f` (UsageError: --manual_dir missing)."""
+  kwargs = dict(data_dir=f.data_dir, file_format="array_record")
+  if name == "shapes":
+    return builders.Shapes(config=_shapes_config(f), **kwargs)
+  if not f.manual_dir:
+    raise app.UsageError(f"{name} needs --manual_dir (see san_jax/data/README.md)")
+  return builders.get_builder_class(name)(skip_corrupt=f.skip_corrupt, **kwargs)
+
+
+def _shapes_config(f: flags.FlagValues):
   """A predefined config, or a custom one named after its settings when any is overridden."""
-  base = {c.name: c for c in builders.Shapes.BUILDER_CONFIGS}[args.config or "default"]
-  overrides = {k: getattr(args, k) for k in ("image_size", "num_train", "num_val", "seed", "train_classes")
-               if getattr(args, k) is not None}
+  base = {c.name: c for c in builders.Shapes.BUILDER_CONFIGS}[f.config or "default"]
+  overrides = {k: f[k].value for k in SHAPES_FIELDS if f[k].value is not None}
   if not overrides:
     return base.name
   fields = {k: getattr(base, k) for k in ("image_size", "num_train", "num_val", "seed", "max_objects",
@@ -64,10 +65,12 @@ def _shapes_config(args: argparse.Namespace):
   return builders.ShapesConfig(name=name, description="custom", **fields)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-  args = _parse(argv)
-  builder = make_builder(args)
-  download_config = tfds.download.DownloadConfig(manual_dir=args.manual_dir) if args.manual_dir else None
+def _main(f: flags.FlagValues, args: List[str]) -> int:
+  name = args[0]
+  if name not in builders.BUILDERS:
+    raise app.UsageError(f"unknown data set {name!r}; known: {', '.join(sorted(builders.BUILDERS))}")
+  builder = make_builder(name, f)
+  download_config = tfds.download.DownloadConfig(manual_dir=f.manual_dir) if f.manual_dir else None
   builder.download_and_prepare(download_config=download_config)
   info = builder.info
   print(f"built {info.full_name} in {builder.data_dir}")
@@ -81,5 +84,10 @@ def main(argv: Optional[List[str]] = None) -> int:
   return 0
 
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`python -m san_jax.data.build NAME --data_dir OUT ...`; in-process: main([NAME, "--data_dir", OUT, ...])."""
+  return cli.run(_define_flags, _main, argv, prog="san_jax.data.build", positional=["NAME"])
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  main()
