@@ -26,8 +26,9 @@ def test_xla_implementation_equals_exact_path(length, chunk, with_bias):
   largest output (1.5e-6 absolute at most; also 1.5e-6 of it at 1,700 tokens); bound 1e-5 of it."""
   q, k, v, bias = _qkv_bias(length, 40)
   b = bias if with_bias else None
-  exact = layers.attention(q, k, v, b, query_chunk=chunk, impl="exact")
-  xla = layers.attention(q, k, v, b, query_chunk=chunk, impl="xla")
+  with jax.default_matmul_precision("float32"):  # no TF32 where a GPU runs this
+    exact = layers.attention(q, k, v, b, query_chunk=chunk, impl="exact")
+    xla = layers.attention(q, k, v, b, query_chunk=chunk, impl="xla")
   assert float(jnp.max(jnp.abs(xla - exact))) <= 1e-5 * float(jnp.max(jnp.abs(exact)))
 
 
@@ -93,15 +94,28 @@ def test_models_take_the_implementation_from_their_configs():
     san.SAN(bad, rngs=nnx.Rngs(0))
 
 
+def test_attention_impl_is_not_geometry():
+  """A checkpoint's geometry check ignores which kernel runs attention (as it ignores query chunks)."""
+  import dataclasses
+
+  from san_jax import pretrained
+  from san_jax.models import san
+  cfg = san.san_config("san_vit_b16")
+  other = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, attention_impl="cudnn"),
+                              side=dataclasses.replace(cfg.side, attention_impl="xla", heads=8))
+  assert pretrained.geometry_differences(cfg, other) == {"side.heads": (6, 8)}
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
 @pytest.mark.parametrize("head_dim", [40, 64])
 def test_cudnn_matches_exact_path_in_bfloat16_on_gpu(head_dim):
   """On a GPU, "auto" in bfloat16 is cuDNN's fused attention (a custom call in the compiled program) and
-  equals the exact bfloat16 path within bfloat16 rounding (bound: 2 bf16 ulps of the largest output)."""
+  equals the exact bfloat16 path within bfloat16 rounding. Not yet measured on a GPU: the bound is 2 bf16
+  ulps (2 * 2**-7 relative) of the largest output, both paths rounding the softmax weights to bfloat16."""
   q, k, v, _ = _qkv_bias(1700, head_dim)
   q, k, v = (t.astype(jnp.bfloat16) for t in (q, k, v))
   auto = jax.jit(lambda *a: layers.attention(*a, query_chunk=256))
   assert "cudnn" in auto.lower(q, k, v).compile().as_text().lower()
   exact = layers.attention(q, k, v, query_chunk=256, impl="exact").astype(jnp.float32)
   got = auto(q, k, v).astype(jnp.float32)
-  assert float(jnp.max(jnp.abs(got - exact))) <= 2 * 2 ** -8 * float(jnp.max(jnp.abs(exact)))
+  assert float(jnp.max(jnp.abs(got - exact))) <= 2 * 2 ** -7 * float(jnp.max(jnp.abs(exact)))
