@@ -123,9 +123,11 @@ def build(mode: str, model_key: str, batch: int, dtype: str, size: int, attentio
 
 def hidden_attention_flops(built: Built, lowered) -> float:
   """FLOPs XLA's cost analysis does not see in cuDNN's custom calls: the exact-attention twin's lowered
-  count minus `lowered`'s (call before the donated state is consumed: the twin is lowered on its shapes)."""
+  count minus `lowered`'s (call before the donated state is consumed: the twin is lowered on its shapes).
+  The twin is built outside the mesh context, as the program was (models are built mesh-free)."""
+  twin = built.twin()
   with built.mesh():
-    return max(0.0, xla_flops(built.twin().lower(*_abstract(built.args))) - xla_flops(lowered))
+    return max(0.0, xla_flops(twin.lower(*_abstract(built.args))) - xla_flops(lowered))
 
 
 def uses_cudnn(compiled) -> bool:
