@@ -21,9 +21,10 @@ attention FLOPs it hides are added back: the same step with the exact attention,
 compiled), minus this program's own lowered count (both pre-optimisation counts of the same code,
 differing only in attention). `flops_hidden_in_cudnn` says how many that was.
 
-Batch 32 at 640x640 fits an 80 GB+ GPU without rematerialisation (remat "none" is the default here:
-nothing is recomputed, so the FLOPs are the model's and MFU is not inflated by recomputation); pass
---remat full for a smaller GPU. A row that fails (out of memory, ...) is recorded with its error and the
+Remat "none" is the default here: nothing is recomputed, so the FLOPs are the model's and MFU is not
+inflated by recomputation. B/16 batch 32 at 640x640 should then fit an 80 GB+ GPU (an estimate, not a
+measurement: the CPU float32 step holds 2.04 GB of XLA temporaries per image without remat, README's memory
+table; bfloat16 about halves that); pass --remat full for a smaller GPU or for L/14. A row that fails (out of memory, ...) is recorded with its error and the
 others still run; the command then exits non-zero. The JSON (and the Markdown table beside it, .md) is
 written after every row, to --out, else to $OUT/gpu_check.json when $OUT is set.
 """
@@ -287,4 +288,8 @@ if __name__ == "__main__":
   flags.DEFINE_float("budget_s", None, "skip the rows not started within this many seconds")
   flags.DEFINE_bool("smoke", False, "configs/tiny.py, 128x128, batch 1, 1 call: a CPU smoke run")
   flags.DEFINE_string("out", None, "JSON path (default: $OUT/gpu_check.json when $OUT is set)")
+  flags.register_validator("models", lambda ms: all(m in MODEL_KEYS for m in ms),
+                           f"--models: expected names from {list(MODEL_KEYS)}")
+  flags.register_validator("batch_sizes", lambda bs: all(b.isdigit() and int(b) > 0 for b in bs),
+                           "--batch_sizes: expected positive integers, e.g. 8,32")
   app.run(main)
