@@ -48,3 +48,29 @@ def write_json(result: dict, path: Optional[str]) -> None:
     with open(path, "w") as f:
       json.dump(result, f, indent=1)
       f.write("\n")
+
+
+# Benchmark geometries: the two official SANs and configs/tiny.py (CPU smoke runs of the GPU check).
+MODEL_KEYS = ("b16", "l14", "tiny")
+
+
+def san_config(model_key: str, **overrides):
+  """The SANConfig of a benchmark geometry (`MODEL_KEYS`), fields replaced by `overrides` (e.g. remat)."""
+  import dataclasses
+
+  from san_jax.models import san
+  if model_key not in MODEL_KEYS:
+    raise ValueError(f"unknown benchmark model {model_key!r}; expected one of {list(MODEL_KEYS)}")
+  if model_key == "tiny":
+    from configs import tiny
+    cfg = san.config_from_dict(tiny.tiny_model().to_dict())
+  else:
+    cfg = san.san_config({"b16": "san_vit_b16", "l14": "san_vit_l14"}[model_key])
+  return dataclasses.replace(cfg, **overrides)
+
+
+def xla_flops(stage) -> float:
+  """XLA's cost-analysis FLOP count of a jax `Lowered` or `Compiled` (0 when the backend gives none)."""
+  cost = stage.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0

@@ -24,43 +24,59 @@ import numpy as np
 
 from absl import flags
 
-from benchmarks.common import matmul_peak, time_calls, write_json
+from benchmarks.common import matmul_peak, san_config, time_calls, write_json, xla_flops
 from san_jax import cli
 
-MODELS = {"b16": "san_vit_b16", "l14": "san_vit_l14"}
+MODELS = ("b16", "l14")  # the --models choices; benchmarks.common.san_config builds each
 
 
-def bench(model_key: str, dtype: str, size: int, classes: int, runs: int) -> Dict[str, float]:
+def prepare(model_key: str, dtype: str, size: int, classes: int, batch: int = 1, abstract: bool = False,
+            **model_overrides):
+  """(jitted forward, its arguments): SAN inference on a [batch, size, size, 3] batch, random weights, to
+  per-class probabilities per image (semantic_inference of the last deep-supervision output, per image);
+  `model_overrides` replace SANConfig fields. `abstract`: the arguments are ShapeDtypeStructs (nothing is
+  initialised; for lowering only)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from san_jax.models import san
 
-  cfg = san.san_config(MODELS[model_key])
+  cfg = san_config(model_key, **model_overrides)
   compute = None if dtype == "float32" else jnp.dtype(dtype)
-  model = san.SAN(cfg, rngs=nnx.Rngs(0), dtype=compute)
-  graphdef, state = nnx.split(model)
-  del model
+  new_model = lambda: san.SAN(cfg, rngs=nnx.Rngs(0), dtype=compute)
+  graphdef, state = nnx.split(nnx.eval_shape(new_model))
+  if not abstract:  # one jitted initialisation: eagerly, every parameter's init op would compile on its own
+    state = jax.jit(lambda: nnx.split(new_model())[1])()
 
   def forward(state, images, class_emb):
     out = nnx.merge(graphdef, state)(images, class_emb)
-    return san.semantic_inference(out["mask_logits"][0, -1], out["mask_preds"][0, -1], (size, size),
-                                  (size, size), (size, size), layout="hwc")
+    per_image = lambda logits, preds: san.semantic_inference(logits, preds, (size, size), (size, size),
+                                                              (size, size), layout="hwc")
+    return jax.vmap(per_image)(out["mask_logits"][:, -1], out["mask_preds"][:, -1])
 
+  if abstract:
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    class_emb = jax.ShapeDtypeStruct((classes, cfg.clip.text.output_dim), jnp.float32)
+    return jax.jit(forward), (state, images, class_emb)
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(1, size, size, 3)).astype(np.float32))
+  images = jnp.asarray(rng.normal(size=(batch, size, size, 3)).astype(np.float32))
   class_emb = jnp.asarray(rng.normal(size=(classes, cfg.clip.text.output_dim)).astype(np.float32))
+  return jax.jit(forward), (state, images, class_emb)
+
+
+def bench(model_key: str, dtype: str, size: int, classes: int, runs: int) -> Dict[str, float]:
+  import jax
+
+  forward, args = prepare(model_key, dtype, size, classes)
   t0 = time.perf_counter()
-  compiled = jax.jit(forward).lower(state, images, class_emb).compile()
+  compiled = forward.lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  flops = xla_flops(compiled)
   mem = compiled.memory_analysis()
   xla_bytes = (getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0)
                + getattr(mem, "output_size_in_bytes", 0)) if mem is not None else 0
-  times = time_calls(lambda: jax.block_until_ready(compiled(state, images, class_emb)), runs, warmup=1)
+  times = time_calls(lambda: jax.block_until_ready(compiled(*args)), runs, warmup=1)
   t = statistics.median(times)
   return {"model": model_key, "dtype": dtype, "size": size, "classes": classes, "median_s": t,
           "min_s": min(times), "images_per_s": 1.0 / t, "compile_s": compile_s, "gflop": flops / 1e9,

@@ -12,17 +12,18 @@ run, is `python -m benchmarks.components`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import statistics
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from absl import flags
 
-from benchmarks.common import time_calls, write_json
+from benchmarks.common import san_config, time_calls, write_json, xla_flops
 from san_jax import cli
 
 
@@ -42,38 +43,57 @@ def make_batch(batch_size: int, size: int, num_classes: int, max_targets: int, s
   return {"image": images, "image_size": np.full((batch_size, 2), size, np.int32), **t}
 
 
-def bench(model_key: str, batch_size: int, dtype: str, runs: int, size: int = 640, num_classes: int = 171):
+@dataclasses.dataclass
+class Prepared:
+  """The real train step at one geometry, ready to lower and run: `jitted(*args)` under `jax.set_mesh(mesh)`
+  (args = state, frozen, batch, class embeddings, rng; the state is donated)."""
+  trainer: Any
+  jitted: Any
+  args: Tuple[Any, ...]
+  mesh: Any
+  batch_ndims: Dict[str, int]
+
+
+def prepare(model_key: str, batch_size: int, dtype: str, size: int = 640, num_classes: int = 171,
+            max_targets: int = 16, **model_overrides) -> Prepared:
+  """The official recipe's train step (configs/common.py) on one device, random weights and batch;
+  `model_overrides` replace SANConfig fields (remat, ...)."""
   import jax
   import jax.numpy as jnp
 
   from configs import common
-  from san_jax.models import san
   from san_jax.train import sharding, steps
 
-  cfg = common.base(common.model_b16() if model_key == "b16" else common.model_l14())
-  cfg.train.compute_dtype = dtype
-  cfg.train.batch_size = batch_size
-  cfg.train.criterion.max_targets = 16
+  train_cfg = common.train()
+  train_cfg.compute_dtype = dtype
+  train_cfg.batch_size = batch_size
+  train_cfg.criterion.max_targets = max_targets
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1])
-  rules = [tuple(r) for r in cfg.mesh.rules]
-  trainer = steps.Trainer(san.config_from_dict(cfg.model.to_dict()), cfg.train, mesh, rules, num_classes)
+  rules = [tuple(r) for r in common.mesh().rules]
+  trainer = steps.Trainer(san_config(model_key, **model_overrides), train_cfg, mesh, rules, num_classes)
   state, frozen = trainer.init(jax.random.key(0))
-  batch = sharding.global_batch(make_batch(batch_size, size, num_classes, 16), mesh, rules)
+  batch = sharding.global_batch(make_batch(batch_size, size, num_classes, max_targets), mesh, rules)
   text_dim = trainer.model(state, frozen).ov_classifier.bg_embed[...].shape[-1]
   class_emb = jnp.asarray(np.random.default_rng(1).normal(size=(num_classes, text_dim)).astype(np.float32))
-  step = trainer.compile_step({k: v.ndim for k, v in batch.items()})
-  rng = jax.random.key(2)
+  batch_ndims = {k: v.ndim for k, v in batch.items()}
+  step = trainer.compile_step(batch_ndims)
+  return Prepared(trainer, step.jitted, (state, frozen, batch, class_emb, jax.random.key(2)), mesh, batch_ndims)
+
+
+def bench(model_key: str, batch_size: int, dtype: str, runs: int, size: int = 640, num_classes: int = 171):
+  import jax
+
+  p = prepare(model_key, batch_size, dtype, size, num_classes)
+  state, frozen, batch, class_emb, rng = p.args
   holder = {"state": state}
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = step.jitted.lower(state, frozen, batch, class_emb, rng).compile()
+  with jax.set_mesh(p.mesh):
+    compiled = p.jitted.lower(*p.args).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0  # XLA's count; the host-side matcher is not in it
+  flops = xla_flops(compiled)  # XLA's count; the host-side matcher is not in it
 
   def one():
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(p.mesh):
       holder["state"], m = compiled(holder["state"], frozen, batch, class_emb, rng)
     jax.block_until_ready(m)
 

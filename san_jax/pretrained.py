@@ -43,8 +43,8 @@ HUB_REPO = "Mendel192/san"
 MODEL_NAMES: Dict[str, str] = {"san_vit_b16": "san_vit_b_16.pth", "san_vit_l14": "san_vit_large_14.pth"}
 KINDS = ("name", "pth", "params", "workdir")
 PTH_SUFFIXES = (".pth", ".pt", ".bin")
-# SANConfig fields that do not change the weights or the numbers (how attention is chunked on CPU).
-_NOT_GEOMETRY = ("attention_query_chunk",)
+# SANConfig fields that do not change the weights (how attention is chunked on CPU, which kernel runs it).
+_NOT_GEOMETRY = ("attention_query_chunk", "attention_impl")
 
 
 class PretrainedError(ValueError):

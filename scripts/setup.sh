@@ -2,10 +2,17 @@
 # Creates .venv (if missing) and installs san-jax's requirements into it.
 #   bash scripts/setup.sh         runtime only (JAX, Flax, ...; no torch)
 #   bash scripts/setup.sh --dev   plus the conversion/test requirements (CPU torch 2.13.0, pytest)
+#   bash scripts/setup.sh --gpu   runtime plus jax's CUDA 12 plugin for an NVIDIA GPU (jax[cuda12] at the installed
+#                                 jax version; CUDA 12 wheels run on any driver >= 525, CUDA 13 ones need >= 580).
+#                                 No torch: a CUDA torch is never installed.
 # The CLIP BPE vocabulary used by san_jax.text.tokenizer comes from the open_clip_torch wheel, installed
 # with --no-deps so that it cannot pull torchvision or a CUDA torch; nothing is downloaded at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+case "${1:-}" in
+  ""|--dev|--gpu) ;;
+  *) echo "setup.sh: unknown option '$1' (expected none, --dev or --gpu)" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
@@ -25,10 +32,14 @@ want="$(cat requirements.txt requirements-dev.txt constraints.txt | sha1sum | cu
 if [ -f "$stamp" ] && grep -qx -- "$want" "$stamp"; then
   exit 0
 fi
-if [ "${1:-}" = "--dev" ]; then
-  pip_install -r requirements-dev.txt -c constraints.txt
-else
-  pip_install -r requirements.txt -c constraints.txt
+case "${1:-}" in
+  --dev) pip_install -r requirements-dev.txt -c constraints.txt ;;
+  *) pip_install -r requirements.txt -c constraints.txt ;;
+esac
+if [ "${1:-}" = "--gpu" ]; then
+  # The plugin must match jax exactly: ask the venv which jax requirements.txt resolved to.
+  jax_version=$(.venv/bin/python -c "import jax; print(jax.__version__)")
+  pip_install "jax[cuda12]==$jax_version" -c constraints.txt
 fi
 # open_clip_torch: the tokenizer's BPE vocabulary (and, for tests, the reference CLIP); timm: test reference.
 pip_install --no-deps open_clip_torch==3.3.0 timm==1.0.22

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks import components
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +39,59 @@ def test_table_names_machine_threads_and_ratio():
   assert "| side_vit | float32 | 1.0000 | 2.0000 | 2.00 |" in table
   assert "| side_vit | bfloat16 | failed: RuntimeError: x |" in table
   assert "official" not in table.lower()
+
+
+def test_gpu_peak_table_matches_device_kinds():
+  """The dense bf16 peaks of NVIDIA's datasheets (half the sparse figures they print), matched on the
+  device_kind strings jax reports; a chip not in the table gives MFU "?"."""
+  from benchmarks import gpu
+  kinds = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+           "NVIDIA H200": 989.0, "NVIDIA H200 NVL": 835.0, "NVIDIA A100-SXM4-80GB": 312.0,
+           "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA L40S": 362.0, "NVIDIA L4": 121.0, "NVIDIA A10": 125.0,
+           "NVIDIA A10G": None, "Tesla V100-SXM2-16GB": None, "cpu": None}
+  assert {k: gpu.peak_tflops(k) for k in kinds} == kinds
+  assert gpu.mfu(400e12, 2.0, 500.0) == pytest.approx(0.4)  # 200 TFLOP/s of 500
+  assert gpu.mfu(400e12, 2.0, None) == "?"
+
+
+def test_gpu_table_reports_failed_rows():
+  from benchmarks import gpu
+  result = {"device": {"device_kind": "NVIDIA H200", "platform": "gpu", "jax": "j", "flax": "f",
+                       "peak_bf16_tflops": 989.0},
+            "rows": [{"mode": "train", "model": "b16", "batch": 8, "attention": "cudnn", "remat": "none",
+                      "median_s": 0.5, "images_per_s": 16.0, "flops": 2e14, "tflops_per_s": 400.0, "mfu": 0.4044,
+                      "compile_s": 60.0, "xla_gb": 20.0, "device_peak_gb_so_far": 25.0},
+                     {"mode": "train", "model": "b16", "batch": 32, "error": "XlaRuntimeError: RESOURCE_EXHAUSTED"}]}
+  table = gpu.format_table(result)
+  assert "NVIDIA H200 (gpu), jax j, flax f; bf16 dense peak 989.0 TFLOP/s" in table
+  assert "| b16 | train | 8 | cudnn | none | 0.5000 | 16.0 | 200.000 | 400.0 | 40.4% | 60.0 | 20.00 | 25.0 |" in table
+  assert "| b16 | train | 32 | failed: XlaRuntimeError: RESOURCE_EXHAUSTED |" in table
+
+
+@pytest.mark.slow  # the tiny SAN's inference and train step compiled on CPU: ~2-6 min with 2 cores
+def test_gpu_check_smoke_runs_on_cpu(tmp_path):
+  """`bash benchmarks/gpu_check.sh --smoke` (what a GPU machine runs, in its CPU smoke mode) gives both
+  rows with positive FLOPs and times, MFU "?" or a fraction, and the exact-attention twin's FLOPs equal
+  to the program's own where no cuDNN runs (nothing hidden)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  out = tmp_path / "gpu_check.json"
+  env = dict(os.environ, PYTHON=sys.executable)
+  env.pop("OUT", None)
+  proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke", f"--out={out}"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["settings"]["models"] == ["tiny"] and result["settings"]["batch_sizes"] == [1]
+  assert [(r["mode"], r["batch"]) for r in result["rows"]] == [("inference", 1), ("train", 1)]
+  for r in result["rows"]:
+    assert r["flops"] > 0 and r["flops_compiled"] > 0 and r["median_s"] > 0 and r["compile_s"] > 0, r
+    assert r["images_per_s"] == pytest.approx(1 / r["median_s"])
+    assert r["mfu"] == "?" or 0 < r["mfu"] < 1, r
+    assert (r["mfu"] == "?") == (result["device"]["peak_bf16_tflops"] is None)
+    assert r["flops_hidden_in_cudnn"] == 0 and r["attention"] == "exact", r
+    assert r["xla_gb"] > 0
+  assert "| tiny | train | 1 | exact | none |" in (tmp_path / "gpu_check.md").read_text()
+  assert "| tiny | inference | 1 | exact | none |" in proc.stdout

@@ -60,6 +60,10 @@ class CLIPConfig:
   quick_gelu: bool = True  # OpenAI weights were trained with QuickGELU
   # Long sequences split their queries into chunks of this size (CPU cache friendliness); None = whole.
   attention_query_chunk: Optional[int] = 256
+  # How the image tower's attention runs (layers.attention_impl): "auto" = cuDNN flash attention on a GPU
+  # in bfloat16/float16, the exact path everywhere else; "exact", "xla", "cudnn" force one. (The text
+  # tower keeps "auto": its causal bias makes that the exact path.)
+  attention_impl: str = "auto"
 
   @property
   def embed_dim(self) -> int:
@@ -118,11 +122,12 @@ class MultiheadAttention(nnx.Module):
   """torch.nn.MultiheadAttention (batch-first here) with an additive float attention bias."""
 
   def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
-               query_chunk: Optional[int] = None):
+               query_chunk: Optional[int] = None, attention_impl: str = "auto"):
     if width % heads:
       raise ValueError(f"attention width {width} is not divisible by {heads} heads")
     self.heads = heads
     self.query_chunk = query_chunk
+    self.attention_impl = layers.check_attention_impl(attention_impl)
     mk = lambda: layers.linear(width, width, ("embed", "heads"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.q_proj, self.k_proj, self.v_proj = mk(), mk(), mk()
     self.out_proj = layers.linear(width, width, ("heads", "embed"), rngs=rngs, dtype=dtype,
@@ -132,7 +137,7 @@ class MultiheadAttention(nnx.Module):
     b, l, d = x.shape
     split = lambda t: t.reshape(b, l, self.heads, d // self.heads)
     out = layers.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), attn_bias,
-                           query_chunk=self.query_chunk)
+                           query_chunk=self.query_chunk, impl=self.attention_impl)
     return self.out_proj(out.reshape(b, l, d))
 
 
@@ -153,10 +158,10 @@ class ResidualAttentionBlock(nnx.Module):
   """open_clip's pre-norm block: x + attn(ln_1(x), bias); x + mlp(ln_2(x))."""
 
   def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool, *, rngs: nnx.Rngs,
-               dtype=None, param_dtype=jnp.float32, query_chunk: Optional[int] = None):
+               dtype=None, param_dtype=jnp.float32, query_chunk: Optional[int] = None, attention_impl: str = "auto"):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.ln_1 = layers.layer_norm(width, CLIP_LN_EPS, **kw)
-    self.attn = MultiheadAttention(width, heads, query_chunk=query_chunk, **kw)
+    self.attn = MultiheadAttention(width, heads, query_chunk=query_chunk, attention_impl=attention_impl, **kw)
     self.ln_2 = layers.layer_norm(width, CLIP_LN_EPS, **kw)
     self.mlp = Mlp(width, int(width * mlp_ratio), quick_gelu, **kw)
 
@@ -170,11 +175,11 @@ class Transformer(nnx.Module):
 
   def __init__(self, width: int, n_layers: int, heads: int, mlp_ratio: float, quick_gelu: bool, *,
                rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32, query_chunk: Optional[int] = None,
-               remat: str = "none"):
+               remat: str = "none", attention_impl: str = "auto"):
     self.remat = layers.check_remat(remat)
     self.resblocks = nnx.List([
         ResidualAttentionBlock(width, heads, mlp_ratio, quick_gelu, rngs=rngs, dtype=dtype,
-                               param_dtype=param_dtype, query_chunk=query_chunk)
+                               param_dtype=param_dtype, query_chunk=query_chunk, attention_impl=attention_impl)
         for _ in range(n_layers)])
 
   def __call__(self, x: jax.Array, attn_bias: Optional[jax.Array] = None, *, start: int = 0,
@@ -193,7 +198,8 @@ class VisionTransformer(nnx.Module):
   """The CLIP image tower. `__call__` returns (image embedding or None, {layer: tokens [B, 1+h*w, D]})."""
 
   def __init__(self, cfg: VisionConfig, quick_gelu: bool = True, *, rngs: nnx.Rngs, dtype=None,
-               param_dtype=jnp.float32, query_chunk: Optional[int] = None, remat: str = "none"):
+               param_dtype=jnp.float32, query_chunk: Optional[int] = None, remat: str = "none",
+               attention_impl: str = "auto"):
     self.cfg = cfg
     self.dtype = dtype
     w, p = cfg.width, cfg.patch_size
@@ -207,7 +213,8 @@ class VisionTransformer(nnx.Module):
     self.positional_embedding = layers.param(rngs, normal, (cfg.grid_size ** 2 + 1, w), (None, "embed"), param_dtype)
     self.ln_pre = layers.layer_norm(w, CLIP_LN_EPS, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu, rngs=rngs, dtype=dtype,
-                                   param_dtype=param_dtype, query_chunk=query_chunk, remat=remat)
+                                   param_dtype=param_dtype, query_chunk=query_chunk, remat=remat,
+                                   attention_impl=attention_impl)
     self.ln_post = layers.layer_norm(w, CLIP_LN_EPS, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.proj = layers.param(rngs, normal, (w, cfg.output_dim), ("embed", None), param_dtype)
 
@@ -325,7 +332,7 @@ class CLIP(TextTower):
     super().__init__(cfg.text, cfg.quick_gelu, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.cfg = cfg
     self.visual = VisionTransformer(cfg.vision, cfg.quick_gelu, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                    query_chunk=cfg.attention_query_chunk)
+                                    query_chunk=cfg.attention_query_chunk, attention_impl=cfg.attention_impl)
     self.logit_scale = nnx.Param(jnp.asarray(np.log(1 / 0.07), param_dtype))
 
   def encode_image(self, images: jax.Array, normalize: bool = False) -> jax.Array:

@@ -111,20 +111,69 @@ def gelu_exact(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
+# How `attention` computes: "exact" is the code below (the CPU parity path); "xla" and "cudnn" are
+# jax.nn.dot_product_attention's implementations; "auto" picks cuDNN where it applies, else "exact".
+ATTENTION_IMPLS = ("auto", "exact", "xla", "cudnn")
+# cuDNN flash attention (jax.nn.dot_product_attention(implementation="cudnn")) takes float16/bfloat16 q/k/v
+# with a head dim that is a multiple of 8, up to 128 before Hopper (256 on Hopper; the 128 bound keeps one
+# rule for every NVIDIA GPU: SAN's head dims are 40 (side ViT) and 64 (CLIP B/16, L/14)).
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def check_attention_impl(impl: str) -> str:
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r}: expected one of {list(ATTENTION_IMPLS)}")
+  return impl
+
+
+def attention_impl(requested: str, dtype, head_dim: int, has_bias: bool, backend: Optional[str] = None) -> str:
+  """The one place that decides how attention runs: "exact", "xla" or "cudnn" for a call of `attention`.
+
+  "auto" (the models' default) is "cudnn" on a GPU backend (`jax.default_backend()` at trace time unless
+  `backend` is given) for bfloat16/float16 q/k/v, a head dim cuDNN takes and no additive bias (the only
+  biased callers are the CLIP text tower's causal mask, run once per vocabulary; the recognition head's
+  biased SOS attention is its own two-part softmax in rec_head.py); everywhere else "exact", so CPU results
+  (and every parity test) are those of the code below, bit for bit. An explicit "cudnn" that cannot apply
+  raises here, before tracing, instead of deep inside jax.
+  """
+  check_attention_impl(requested)
+  if requested in ("exact", "xla"):
+    return requested
+  backend = jax.default_backend() if backend is None else backend
+  why_not = []
+  if backend != "gpu":
+    why_not.append(f"backend {backend!r} is not 'gpu'")
+  if jnp.dtype(dtype) not in CUDNN_DTYPES:
+    why_not.append(f"dtype {jnp.dtype(dtype).name} is not bfloat16/float16")
+  if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+    why_not.append(f"head dim {head_dim} is not a multiple of 8 <= {CUDNN_MAX_HEAD_DIM}")
+  if requested == "cudnn":
+    if why_not:
+      raise ValueError("attention_impl='cudnn' does not apply: " + "; ".join(why_not))
+    return "cudnn"
+  return "exact" if why_not or has_bias else "cudnn"
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None,
-              query_chunk: Optional[int] = None) -> jax.Array:
+              query_chunk: Optional[int] = None, impl: str = "auto") -> jax.Array:
   """Softmax attention. q, k, v: [B, L, heads, head_dim]; bias broadcastable to [B, heads, Lq, Lk].
 
-  The scale is applied to q (as torch's MultiheadAttention does) and the softmax runs in float32.
-  `query_chunk` splits the queries into blocks so the [heads, Lq, Lk] logits never exist whole: on CPU
-  this keeps the working set in cache for long sequences (the side ViT's ~1,700 tokens).
+  `impl` (see `attention_impl`): the exact path applies the scale to q (as torch's MultiheadAttention
+  does) and runs the softmax in float32; `query_chunk` splits its queries into blocks so the
+  [heads, Lq, Lk] logits never exist whole: on CPU this keeps the working set in cache for long sequences
+  (the side ViT's ~1,700 tokens). "xla" and "cudnn" are jax.nn.dot_product_attention (scale applied to the
+  float32 logits; cuDNN's flash kernel never materialises the logits, so `query_chunk` does not apply).
   """
   head_dim = q.shape[-1]
-  q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
   if bias is not None:
     bias = jnp.asarray(bias)
     while bias.ndim < 4:
       bias = bias[None]
+  chosen = attention_impl(impl, q.dtype, head_dim, bias is not None)
+  if chosen != "exact":
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=chosen)
+  q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
 
   def block(q_blk, bias_blk):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k, preferred_element_type=jnp.float32)

@@ -148,7 +148,8 @@ class SAN(nnx.Module):
     self.cfg = cfg
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.clip_visual = clip_lib.VisionTransformer(cfg.clip.vision, cfg.clip.quick_gelu,
-                                                  query_chunk=cfg.clip.attention_query_chunk, remat=cfg.remat, **kw)
+                                                  query_chunk=cfg.clip.attention_query_chunk, remat=cfg.remat,
+                                                  attention_impl=cfg.clip.attention_impl, **kw)
     self.side_adapter_network = SideAdapterNetwork(cfg.side, remat=cfg.remat, **kw)
     self.ov_classifier = OVClassifier(cfg.clip, **kw)
 

@@ -45,6 +45,8 @@ class SideAdapterConfig:
   rescale_attn_bias: bool = True
   # Queries per attention block: the ~1,700-token logits never exist whole (CPU cache); None = one block.
   attention_query_chunk: Optional[int] = 256
+  # How the side ViT's attention runs (layers.attention_impl): "auto" = cuDNN on a GPU in bf16/fp16.
+  attention_impl: str = "auto"
 
   @property
   def grid_size(self) -> int:
@@ -75,16 +77,19 @@ def parse_fusion_map(entries: Sequence[str]) -> Tuple[Tuple[int, int], ...]:
 class Attention(nnx.Module):
   """timm Attention: fused qkv Linear, softmax(q k^T / sqrt(d)) v, proj."""
 
-  def __init__(self, width: int, heads: int, *, rngs, dtype=None, param_dtype=jnp.float32, query_chunk=None):
+  def __init__(self, width: int, heads: int, *, rngs, dtype=None, param_dtype=jnp.float32, query_chunk=None,
+               attention_impl: str = "auto"):
     self.heads = heads
     self.query_chunk = query_chunk
+    self.attention_impl = layers.check_attention_impl(attention_impl)
     self.qkv = layers.linear(width, 3 * width, ("embed", "heads"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.proj = layers.linear(width, width, ("heads", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x):
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
-    out = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], query_chunk=self.query_chunk)
+    out = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], query_chunk=self.query_chunk,
+                           impl=self.attention_impl)
     return self.proj(out.reshape(b, n, d))
 
 
@@ -101,7 +106,8 @@ class Block(nnx.Module):
   def __init__(self, cfg: SideAdapterConfig, *, rngs, dtype=None, param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.norm1 = layers.layer_norm(cfg.width, SIDE_LN_EPS, **kw)
-    self.attn = Attention(cfg.width, cfg.heads, query_chunk=cfg.attention_query_chunk, **kw)
+    self.attn = Attention(cfg.width, cfg.heads, query_chunk=cfg.attention_query_chunk,
+                          attention_impl=cfg.attention_impl, **kw)
     self.norm2 = layers.layer_norm(cfg.width, SIDE_LN_EPS, **kw)
     self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), **kw)
 
