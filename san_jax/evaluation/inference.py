@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from san_jax.data.augment import resize_image, shortest_edge_shape
 from san_jax.data.image_io import to_rgb
@@ -160,7 +160,7 @@ class Segmenter:
                canvas_multiple: Optional[int] = None, output_multiple: int = 64):
     self.cfg = model.cfg
     devices = jax.local_devices()
-    self.mesh = Mesh(np.asarray(devices), ("batch",))
+    self.mesh = jax.make_mesh((len(devices),), ("batch",), (jax.sharding.AxisType.Auto,), devices=devices)
     self._replicated = NamedSharding(self.mesh, P())
     self._sharded = NamedSharding(self.mesh, P("batch"))
     self.graphdef = None

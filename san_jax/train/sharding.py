@@ -158,8 +158,11 @@ def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[Any]] = None)
     raise TopologyError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}"
                         + (f" ({jax.process_count()} processes x {jax.local_device_count()})"
                            if jax.process_count() > 1 else ""))
-  grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
-  return Mesh(grid, MESH_AXES)
+  # jax.make_mesh orders the devices by the chips' physical topology (TPU rings and tori; elsewhere their
+  # order). Auto axes: the step's shardings are given explicitly and XLA propagates the rest (make_mesh's
+  # own default is the Explicit sharding mode).
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_mesh(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
