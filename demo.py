@@ -5,7 +5,7 @@
 
 Three stages on the synthetic shapes set (classes are colour-shape combinations such as "red triangle"):
   1. a tiny CLIP learns image-text alignment contrastively from captions of all 48 classes (the web-scale
-     pretraining SAN assumes; san_jax.train.clip_pretrain);
+     pretraining SAN assumes; san_jax.demo.clip_pretrain);
   2. SAN trains its side network, with that CLIP frozen, on scenes of the 36 *seen* classes only
      (the ordinary training loop, `train.init_from` = the CLIP of stage 1);
   3. SAN is evaluated on the validation scenes prompted with all 48 class names, and the mIoU of the seen
@@ -50,7 +50,7 @@ def read_jsonl(path: Path) -> List[Dict]:
 
 # ---- stages ----------------------------------------------------------------------------------------------
 def pretrain_clip(cfg, workdir: Path) -> Dict:
-  from san_jax.train import clip_pretrain
+  from san_jax.demo import clip_pretrain
   done = workdir / CLIP_DONE
   # What the CLIP stage depends on: reused only when none of it changed.
   recipe = {"clip_pretrain": cfg.clip_pretrain.to_dict(), "clip": cfg.model.clip.to_dict(),

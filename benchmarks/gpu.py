@@ -256,11 +256,26 @@ def run(models: Sequence[str] = ("b16",), batch_sizes: Sequence[int] = (8, 32), 
   return result
 
 
-def main(argv: Sequence[str]) -> None:
-  from absl import flags
-  f = flags.FLAGS
-  if len(argv) > 1:
-    raise SystemExit(f"benchmarks.gpu: unexpected arguments {list(argv[1:])}")
+def _define_flags(fv, argv) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from san_jax import cli  # pylint: disable=g-import-not-at-top
+  del argv
+  cli.DEFINE_typed_list("models", ["b16"], "benchmark geometries", fv, choices=list(MODEL_KEYS))
+  cli.DEFINE_typed_list("batch_sizes", [8, 32], "batch sizes", fv, item=int)
+  flags.DEFINE_integer("runs", 10, "timed calls per row (the median is reported)", flag_values=fv)
+  flags.DEFINE_integer("warmup", 2, "untimed calls per row after compiling", flag_values=fv)
+  flags.DEFINE_integer("size", 640, "image side (multiple of 32)", flag_values=fv)
+  flags.DEFINE_string("dtype", "bfloat16", "compute dtype", flag_values=fv)
+  flags.DEFINE_enum("attention", "auto", ["auto", "exact", "xla", "cudnn"],
+                    "attention implementation (layers.attention_impl)", flag_values=fv)
+  flags.DEFINE_enum("remat", "none", ["none", "full"], "SANConfig.remat for the train rows", flag_values=fv)
+  flags.DEFINE_float("budget_s", None, "skip the rows not started within this many seconds", flag_values=fv)
+  flags.DEFINE_bool("smoke", False, "configs/tiny.py, 128x128, batch 1, 1 call: a CPU smoke run", flag_values=fv)
+  flags.DEFINE_string("out", None, "JSON path (default: $OUT/gpu_check.json when $OUT is set)", flag_values=fv)
+
+
+def _main(f, positional) -> int:
+  del positional
   out = f.out or (os.path.join(os.environ["OUT"], "gpu_check.json") if os.environ.get("OUT") else None)
   kw = dict(models=f.models, batch_sizes=[int(b) for b in f.batch_sizes], runs=f.runs, warmup=f.warmup,
             size=f.size, dtype=f.dtype, attention=f.attention, remat=f.remat, budget_s=f.budget_s)
@@ -271,25 +286,15 @@ def main(argv: Sequence[str]) -> None:
   print(f"\ntotal {result['total_s']:.0f} s" + (f"; JSON: {out}" if out else "; no JSON written (no --out, no $OUT)"))
   failed = [r for r in result["rows"] if "error" in r]
   if failed:
-    raise SystemExit(f"{len(failed)} of {len(result['rows'])} rows failed or were skipped")
+    print(f"{len(failed)} of {len(result['rows'])} rows failed or were skipped", file=sys.stderr)
+    return 1
+  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  from san_jax import cli  # pylint: disable=g-import-not-at-top
+  return cli.run(_define_flags, _main, argv, prog="benchmarks.gpu")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-
-  flags.DEFINE_list("models", ["b16"], f"benchmark geometries, some of {list(MODEL_KEYS)}")
-  flags.DEFINE_list("batch_sizes", ["8", "32"], "batch sizes")
-  flags.DEFINE_integer("runs", 10, "timed calls per row (the median is reported)")
-  flags.DEFINE_integer("warmup", 2, "untimed calls per row after compiling")
-  flags.DEFINE_integer("size", 640, "image side (multiple of 32)")
-  flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
-  flags.DEFINE_enum("attention", "auto", ["auto", "exact", "xla", "cudnn"], "attention implementation (layers.attention_impl)")
-  flags.DEFINE_enum("remat", "none", ["none", "full"], "SANConfig.remat for the train rows")
-  flags.DEFINE_float("budget_s", None, "skip the rows not started within this many seconds")
-  flags.DEFINE_bool("smoke", False, "configs/tiny.py, 128x128, batch 1, 1 call: a CPU smoke run")
-  flags.DEFINE_string("out", None, "JSON path (default: $OUT/gpu_check.json when $OUT is set)")
-  flags.register_validator("models", lambda ms: all(m in MODEL_KEYS for m in ms),
-                           f"--models: expected names from {list(MODEL_KEYS)}")
-  flags.register_validator("batch_sizes", lambda bs: all(b.isdigit() and int(b) > 0 for b in bs),
-                           "--batch_sizes: expected positive integers, e.g. 8,32")
-  app.run(main)
+  main()

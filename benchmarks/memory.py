@@ -135,8 +135,8 @@ def parity_case(runs: int, num_classes: int = 171) -> Dict[str, float]:
 
   from san_jax.losses import criterion
   from san_jax.models import san
+  from san_jax.text import classifier
   from san_jax.text import templates as templates_lib
-  from san_jax.text import tokenizer
 
   cfg = san.san_config("san_vit_l14")
   model = san.SAN(cfg, rngs=nnx.Rngs(0))
@@ -150,8 +150,7 @@ def parity_case(runs: int, num_classes: int = 171) -> Dict[str, float]:
 
   # The text pass (classifier of the case's vocabulary).
   vocab = [f"class number {i}" for i in range(num_classes)]
-  templates = templates_lib.get_templates(cfg.template_set)
-  tokens = np.stack([tokenizer.tokenize([t.format(c) for c in vocab]) for t in templates])
+  tokens = classifier.prompt_tokens(vocab, templates_lib.get_templates(cfg.template_set))
   head = model.ov_classifier
   text = jax.jit(lambda t: {"per_template": head.text_embeddings(t), "class_embeddings": head.class_embeddings(t)})
   compiled = text.lower(jnp.asarray(tokens)).compile()

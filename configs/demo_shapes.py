@@ -4,9 +4,10 @@
 
 Three stages (demo.py): (1) a tiny CLIP learns image-text alignment contrastively from captions such as
 "a photo of a red triangle." of the objects in scenes of all 48 colour-shape classes (section
-`clip_pretrain`, san_jax/train/clip_pretrain.py); (2) SAN trains its side network on scenes of the 36 *seen* classes only, with that CLIP
-frozen (sections `model`, `train`, `data`, as configs/tiny.py); (3) evaluation on the validation split
-prompted with all 48 class names, reporting the mIoU of the seen and of the 12 unseen classes.
+`clip_pretrain`, san_jax/demo/clip_pretrain.py); (2) SAN trains its side network on scenes of the 36 *seen*
+classes only, with that CLIP frozen (sections `model`, `train`, `data`, as configs/tiny.py); (3) evaluation
+on the validation split prompted with all 48 class names, reporting the mIoU of the seen and of the 12
+unseen classes.
 
 Geometry: 64x64 images; CLIP sees them at full resolution (clip_resolution 1.0) with 8x8 patches, an 8x8
 token grid; the side network uses 4x4 patches (16x16 masks). Every `--config.x.y=v` override works, e.g.

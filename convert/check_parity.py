@@ -154,11 +154,10 @@ class Runner:
     return self._cache["text"]
 
   def tokens(self) -> np.ndarray:
+    from san_jax.text import classifier
     from san_jax.text import templates as templates_lib
-    from san_jax.text import tokenizer
-    vocab = self.case.meta["vocabulary"]
     templates = self.case.meta.get("templates") or templates_lib.get_templates(self.cfg.template_set)
-    return np.stack([tokenizer.tokenize([t.format(c) for c in vocab]) for t in templates])
+    return classifier.prompt_tokens(self.case.meta["vocabulary"], templates)
 
   def run(self, train: bool) -> Dict[str, Any]:
     key = f"run_train={train}"

@@ -17,7 +17,7 @@ from configs import demo_shapes
 from san_jax.data import shapes
 from san_jax.models import clip as clip_lib
 from san_jax.models import san as san_lib
-from san_jax.train import clip_pretrain as cp
+from san_jax.demo import clip_pretrain as cp
 from san_jax.train import loop
 
 
@@ -126,6 +126,50 @@ def test_caption_tokens_refuse_captions_that_do_not_fit():
   assert tokens.shape == (14, 2, 16)
   with pytest.raises(ValueError, match="text_length"):
     cp.caption_tokens(["a very long class name with many many words in it"], "vild", 12)
+
+
+def test_weight_decay_spares_gains_biases_embeddings_and_the_logit_scale():
+  """The pretraining's no-decay patterns, through san_jax.train.optim's mask, on the demo CLIP's real tree:
+  decayed are exactly the weight matrices (2-D or more) that are not embeddings."""
+  from san_jax.train import optim
+  _, model = _demo_clip()
+  params = nnx.state(model, nnx.Param)
+  mask = optim.decay_mask(cp.NO_DECAY_PATTERNS)(params)
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  decayed = dict((optim.path_of(k), m) for k, m in jax.tree_util.tree_leaves_with_path(mask))
+  assert len(decayed) == len(leaves)
+  for k, v in leaves:
+    path = optim.path_of(k)
+    want = np.ndim(v) >= 2 and "embedding" not in str(path[-1])
+    assert decayed[path] is want, path
+  assert decayed[("logit_scale",)] is False and decayed[("text_projection",)] is True
+
+
+def test_the_clip_sees_what_sans_clip_branch_sees():
+  """clip_images against SAN's host preprocessing (numpy mean/std) and, at clip_resolution 0.5, torch's
+  bilinear resize."""
+  images = np.random.default_rng(5).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  full = san_lib.SANConfig(clip_resolution=1.0)
+  want, _ = san_lib.preprocess(list(images), full, pad_to=(16, 16))
+  # XLA may divide by the std as a multiply by its reciprocal: 1 ulp apart from numpy's division (measured
+  # 1.2e-7 relative).
+  np.testing.assert_allclose(np.asarray(cp.clip_images(jnp.asarray(images), full)), want, rtol=5e-7, atol=0)
+  half = cp.clip_images(jnp.asarray(images), san_lib.SANConfig(clip_resolution=0.5))
+  ref = F.interpolate(torch.from_numpy(want).permute(0, 3, 1, 2), scale_factor=0.5, mode="bilinear",
+                      align_corners=False).permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(np.asarray(half), ref, atol=1e-5)
+
+
+def test_class_embeddings_are_the_template_mean_of_the_caption_embeddings():
+  """Pretrainer.class_embeddings (the text tower's, as SAN's classifier) against a numpy mean of each
+  caption's own embedding."""
+  cfg = demo_shapes.get_config()
+  trainer = cp.Pretrainer(san_lib.config_from_dict(cfg.model.to_dict()), cp.PretrainConfig(steps=2))
+  bank = cp.caption_tokens(["red circle", "blue star", "green square"], "vild", 16)
+  model = nnx.merge(trainer.graphdef, trainer.params)
+  per_caption = np.stack([np.asarray(model.encode_text(jnp.asarray(t), normalize=True)) for t in bank])
+  want = _unit(per_caption.mean(0))
+  np.testing.assert_allclose(np.asarray(trainer.class_embeddings(jnp.asarray(bank))), want, atol=1e-6)
 
 
 def test_pretrained_checkpoint_initialises_san(tmp_path):

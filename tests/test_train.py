@@ -101,6 +101,35 @@ def test_weight_decay_mask_follows_the_official_exceptions():
   assert m["clip_visual"]["positional_embedding"] is False
 
 
+@pytest.mark.parametrize("steps,warmup", [(100, 10), (3, 30), (1, 0)],
+                         ids=["normal", "shorter-than-warmup", "one-step"])
+def test_cosine_schedule_is_linear_warmup_then_cosine_to_the_end_factor(steps, warmup):
+  """The "cosine" schedule against its formula: lr * s / w for s < w, then end + (lr - end)(1 + cos(pi t)) / 2,
+  t = (s - w) / (n - w), with w clamped to [1, n - 1] and n = max(steps, 2) (a short run still decays)."""
+  cfg = tiny_config(steps=steps)
+  cfg.train.optimizer.lr = 2e-3
+  cfg.train.schedule = dict(name="cosine", warmup_steps=warmup, end_factor=0.02)
+  sched = optim.learning_rate_schedule(cfg.train)
+  n = max(steps, 2)
+  w = min(max(warmup, 1), n - 1)
+  end = 0.02 * 2e-3
+  for s in range(n + 2):
+    t = min(max(s - w, 0) / (n - w), 1.0)
+    want = 2e-3 * s / w if s < w else end + (2e-3 - end) * 0.5 * (1 + np.cos(np.pi * t))
+    assert float(sched(s)) == pytest.approx(want, rel=1e-5, abs=1e-9), s
+
+
+def test_cosine_schedule_needs_an_end_factor():
+  from san_jax.train import validate
+  cfg = tiny_config()
+  cfg.train.schedule = dict(name="cosine", warmup_steps=0)
+  problems = validate.train_config_problems(cfg, device_count=1, process_count=1)
+  assert problems == ["train.schedule.end_factor=None: expected a number in [0, 1] (schedule 'cosine' decays to "
+                      "end_factor x lr)"]
+  cfg.train.schedule.end_factor = 0.1
+  assert validate.train_config_problems(cfg, device_count=1, process_count=1) == []
+
+
 @pytest.mark.slow
 def test_nonfinite_loss_leaves_state_unchanged(trained_a_few_steps):
   r = trained_a_few_steps["nonfinite"]

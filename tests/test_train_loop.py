@@ -153,3 +153,25 @@ def test_init_from_a_converted_clip_checkpoint_sets_sans_clip(tmp_path):
   np.testing.assert_array_equal(np.asarray(model.ov_classifier.token_embedding.embedding[...]),
                                 flat[("token_embedding", "embedding")])
   np.testing.assert_array_equal(np.asarray(model.ov_classifier.logit_scale[...]), flat[("logit_scale",)])
+
+
+def test_progress_line_and_metrics_writer(tmp_path):
+  """The console line both training loops print (rate and ETA from the step time, by hand: 0.5 s/step, 60
+  steps left = 30 s) and the JSON-lines file both write (appended, none without a path)."""
+  from san_jax.train import loop
+  assert (loop.progress_line("clip ", 40, 100, "loss 1.000", 0.5, batch_size=16)
+          == "clip step 40/100  loss 1.000  2.00 steps/s  32.0 img/s  ETA 0:00:30")
+  assert loop.progress_line("", 1, 7200 + 1, "x", 1.0) == "step 1/7201  x  1.00 steps/s  ETA 2:00:00"
+  assert loop.progress_line("", 1, 3, "x", float("nan")) == "step 1/3  x  rate ?  ETA ?"
+  timer = loop.StepTimer(5)
+  assert np.isnan(timer.lap(5)) and timer.lap(7) >= 0.0
+  path = tmp_path / "m.jsonl"
+  writer = loop.MetricsWriter(path)
+  writer.write({"step": 1, "loss": 2.5})
+  writer.write({"step": 2, "loss": 1.5})
+  writer.close()
+  assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 2.5},
+                                                                          {"step": 2, "loss": 1.5}]
+  loop.MetricsWriter(None).write({"step": 1})  # no path: nothing is written, nothing fails
+  loop.MetricsWriter(tmp_path / "off.jsonl", enabled=False).write({"step": 1})
+  assert not (tmp_path / "off.jsonl").exists()

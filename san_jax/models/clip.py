@@ -318,6 +318,23 @@ class TextTower(nnx.Module):
     x = x[jnp.arange(x.shape[0]), eot] @ self.text_projection[...].astype(x.dtype)
     return l2_normalize(x) if normalize else x
 
+  def text_embeddings(self, tokens: jax.Array) -> jax.Array:
+    """tokens [T, C, L] (templates x classes) -> per-template L2-normalised embeddings [T, C, E].
+
+    One template at a time (a loop, as the official classifier's loop over templates): all T*C prompts at
+    once would hold the text tower's activations for every prompt, ~10 GB of XLA temporaries for the 14
+    "vild" templates x 171 classes at ViT-L/14 ([2394, 77, 3072] per MLP hidden alone); per template
+    it is 1/T of that."""
+    if tokens.ndim != 3:
+      raise ValueError(f"text tokens must be [templates, classes, length], got shape {tokens.shape}")
+    return jax.lax.map(lambda t: self.encode_text(t, normalize=True), tokens)
+
+  def class_embeddings(self, tokens: jax.Array) -> jax.Array:
+    """[T, C, L] -> [C, E]: the template mean of the normalised embeddings, renormalised. In SAN
+    (`OVClassifier`) it depends only on the frozen text tower, so it is computed once per vocabulary and
+    cached (san_jax.text.classifier); the demo's CLIP pretraining scores its zero-shot accuracy with it."""
+    return l2_normalize(self.text_embeddings(tokens).mean(axis=0))
+
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """torch.nn.functional.normalize: x / max(||x||, eps)."""

@@ -115,22 +115,6 @@ class OVClassifier(clip_lib.TextTower):
     self.bg_embed = layers.param(rngs, nnx.initializers.normal(1.0), (1, cfg.text.width), (None, "embed"),
                                  param_dtype)
 
-  def text_embeddings(self, tokens: jax.Array) -> jax.Array:
-    """tokens [T, C, L] (templates x classes) -> per-template L2-normalised embeddings [T, C, E].
-
-    One template at a time (a loop, as the official classifier's loop over templates): all T*C prompts at
-    once would hold the text tower's activations for every prompt, ~10 GB of XLA temporaries for the 14
-    "vild" templates x 171 classes at ViT-L/14 ([2394, 77, 3072] per MLP hidden alone); per template
-    it is 1/T of that."""
-    if tokens.ndim != 3:
-      raise ValueError(f"text tokens must be [templates, classes, length], got shape {tokens.shape}")
-    return jax.lax.map(lambda t: self.encode_text(t, normalize=True), tokens)
-
-  def class_embeddings(self, tokens: jax.Array) -> jax.Array:
-    """[T, C, L] -> [C, E]: the template mean of the normalised embeddings, renormalised. Depends only on
-    the frozen text tower, so it is computed once per vocabulary and cached (san_jax.text.classifier)."""
-    return clip_lib.l2_normalize(self.text_embeddings(tokens).mean(axis=0))
-
   def classifier(self, class_embeddings: jax.Array) -> Dict[str, jax.Array]:
     """[C, E] class embeddings -> the classifier: bg row appended, rows normalised, times exp(logit_scale).
     Runs inside every forward: bg_embed is trainable."""
@@ -154,10 +138,6 @@ class SAN(nnx.Module):
     self.ov_classifier = OVClassifier(cfg.clip, **kw)
 
   # ---- pieces -----------------------------------------------------------------------------------------
-  def clip_input(self, images: jax.Array) -> jax.Array:
-    """The CLIP branch's input: the padded batch resized by `clip_resolution` (torch scale_factor rule)."""
-    return resize.interpolate(images, scale_factor=self.cfg.clip_resolution, method="bilinear", axes=(1, 2))
-
   def clip_features(self, clip_in: jax.Array) -> Tuple[Dict[int, jax.Array], Tuple[int, int]]:
     """CLIP taps {layer: tokens [B, 1+h*w, D]} for layers 0..feature_last_layer_idx, and the grid."""
     k = self.cfg.feature_last_layer_idx
@@ -176,7 +156,7 @@ class SAN(nnx.Module):
     cfg = self.cfg
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"SAN expects a normalised NHWC batch [B, H, W, 3]; got shape {images.shape}")
-    clip_in = self.clip_input(images)
+    clip_in = clip_input(images, cfg)
     taps, grid_hw = self.clip_features(clip_in)
     clip_maps = {i: clip_lib.tokens_to_map(taps[i], grid_hw)[1] for i in self.side_adapter_network.clip_layers_read}
     idxs = cfg.side.deep_supervision_idxs if train else cfg.side.deep_supervision_idxs[-1:]
@@ -222,17 +202,26 @@ def preprocess(images: Sequence[np.ndarray], cfg: SANConfig,
   return batch, sizes
 
 
-def normalize_on_device(images: jax.Array, image_sizes: jax.Array, cfg: SANConfig) -> jax.Array:
+def normalize_on_device(images: jax.Array, image_sizes: Optional[jax.Array], cfg: SANConfig) -> jax.Array:
   """uint8 NHWC canvases + content sizes [B, 2] -> normalised float32, zero outside each image's content:
   what the official model sees after normalising and zero-padding a batch (the pad is 0 after
-  normalisation), computed on device so the input pipeline ships uint8."""
+  normalisation), computed on device so the input pipeline ships uint8. `image_sizes` None: every canvas
+  is all content (nothing is zeroed)."""
   mean = jnp.asarray(cfg.pixel_mean, jnp.float32)
   std = jnp.asarray(cfg.pixel_std, jnp.float32)
   x = (images.astype(jnp.float32) - mean) / std
+  if image_sizes is None:
+    return x
   h, w = images.shape[1], images.shape[2]
   inside = ((jnp.arange(h)[None, :, None] < image_sizes[:, 0, None, None])
             & (jnp.arange(w)[None, None, :] < image_sizes[:, 1, None, None]))
   return jnp.where(inside[..., None], x, 0.0)
+
+
+def clip_input(images: jax.Array, cfg: SANConfig) -> jax.Array:
+  """The CLIP branch's input: the normalised, padded batch [B, H, W, 3] resized by `cfg.clip_resolution`
+  (bilinear, torch's scale_factor rule: [B, floor(H * s), floor(W * s), 3]; s = 1 is the identity)."""
+  return resize.interpolate(images, scale_factor=cfg.clip_resolution, method="bilinear", axes=(1, 2))
 
 
 def semantic_inference(mask_logits: jax.Array, mask_preds: jax.Array, padded_hw: Tuple[int, int],

@@ -85,8 +85,10 @@ def validate_vocabulary(vocabulary: Sequence[str]) -> Tuple[str, ...]:
   return tuple(names)
 
 
-def prompt_tokens(names: Sequence[str], templates: Sequence[str], context_length: int = 77) -> np.ndarray:
-  """[T, C, L] token ids: every template filled with every class name."""
+def prompt_tokens(names: Sequence[str], templates: Sequence[str],
+                  context_length: int = tokenizer_lib.DEFAULT_CONTEXT_LENGTH) -> np.ndarray:
+  """[T, C, L] token ids: every template filled with every class name (the one place prompts are tokenised:
+  the classifier, the parity checker, the memory benchmark and the demo's CLIP pretraining)."""
   return np.stack([tokenizer_lib.tokenize([t.format(n) for n in names], context_length) for t in templates])
 
 

@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -101,17 +101,19 @@ STEP_KEYS = ("image", "image_size", "labels", "masks", "valid")
 
 
 class MetricsWriter:
-  """metrics.jsonl (one JSON object per logged step) and TensorBoard event files, on host 0 only."""
+  """A JSON-lines file `path` (one object per logged step, appended) and, with `tensorboard_dir`, TensorBoard
+  event files; writes nothing when not `enabled` (the hosts other than 0) or without a path. The training
+  loop's WORKDIR/metrics.jsonl and the demo's CLIP pretraining metrics."""
 
-  def __init__(self, workdir: Path, enabled: bool):
-    self.enabled = enabled
+  def __init__(self, path: Union[str, Path, None], enabled: bool = True, tensorboard_dir: Optional[Path] = None):
+    self.path = Path(path) if path else None
+    self.enabled = enabled and self.path is not None
     self.tb = None
-    if not enabled:
+    if not self.enabled or tensorboard_dir is None:
       return
-    self.path = workdir / "metrics.jsonl"
     try:
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+      self.tb = SummaryWriter(str(tensorboard_dir))
     except ImportError:  # TensorBoard logging is optional
       log.warning("tensorboardX not installed: no TensorBoard event files")
 
@@ -131,12 +133,42 @@ class MetricsWriter:
       self.tb.close()
 
 
-def _format_eta(seconds: float) -> str:
+def format_eta(seconds: float) -> str:
+  """Seconds -> "h:mm:ss" ("?" when not finite: no step rate measured yet)."""
   if not math.isfinite(seconds):
     return "?"
   m, s = divmod(int(seconds), 60)
   h, m = divmod(m, 60)
   return f"{h:d}:{m:02d}:{s:02d}"
+
+
+class StepTimer:
+  """Seconds per step over the steps since the last lap: `restart` keeps what is not a training step out of
+  the rate (the first step's compilation, an evaluation)."""
+
+  def __init__(self, step: int):
+    self.restart(step)
+
+  def restart(self, step: int) -> None:
+    self._time, self._step = time.perf_counter(), step
+
+  def lap(self, step: int) -> float:
+    """Seconds per step since the last lap or restart (NaN when no step ran since); starts the next lap."""
+    now = time.perf_counter()
+    dt = (now - self._time) / (step - self._step) if step > self._step else float("nan")
+    self._time, self._step = now, step
+    return dt
+
+
+def progress_line(prefix: str, done: int, total: int, fields: str, step_time: float,
+                  batch_size: Optional[int] = None) -> str:
+  """"{prefix}step 40/900  {fields}  2.10 steps/s  33.6 img/s  ETA 0:06:48": a logged step's console line
+  (img/s only with `batch_size`; "rate ?" while no rate is measured)."""
+  if math.isfinite(step_time):
+    rate = f"{1 / step_time:.2f} steps/s" + (f"  {batch_size / step_time:.1f} img/s" if batch_size else "")
+  else:
+    rate = "rate ?"
+  return f"{prefix}step {done}/{total}  {fields}  {rate}  ETA {format_eta(step_time * (total - done))}"
 
 
 def load_init_params(path: str):
@@ -223,12 +255,12 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
   class_emb = jax.device_put(class_emb, sharding.replicated(mesh))
   step_fn = None
   rng = jax.random.key(t.seed + 1)
-  writer = MetricsWriter(workdir, is_main)
+  writer = MetricsWriter(workdir / "metrics.jsonl", is_main, tensorboard_dir=workdir / "tensorboard")
   periodic_eval = PeriodicEval(cfg, workdir)
   preempted = {"flag": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
   last: Dict[str, Any] = {}
-  t_last, step_last = time.perf_counter(), start
+  timer = StepTimer(start)
   try:
     for step in range(start, t.steps):
       ckpts.poll()  # a failed background save stops the run here, not at the next save
@@ -240,14 +272,12 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
       done = step + 1
       if done == start + 1:  # the first call compiled the step: keep compile time out of the rate
         jax.block_until_ready(metrics)
-        t_last, step_last = time.perf_counter(), done
+        timer.restart(done)
         if is_main:
           print(f"step {done}/{t.steps}: compiled and ran the first step", flush=True)
       if done % t.log_every == 0 or done == t.steps:
         m = jax.device_get(metrics)
-        now = time.perf_counter()
-        dt = (now - t_last) / max(1, done - step_last) if done > step_last else float("nan")
-        t_last, step_last = now, done
+        dt = timer.lap(done)
         if not bool(m.pop("finite")) or int(jax.device_get(state["nonfinite"])) > 0:
           _on_nonfinite(t.on_nonfinite, int(jax.device_get(state["last_nonfinite_step"])), m)
         rate_known = math.isfinite(dt)
@@ -256,9 +286,8 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
         writer.write(row)
         last = row
         if is_main:
-          rate = f"{1 / dt:.2f} steps/s  {t.batch_size / dt:.1f} img/s" if rate_known else "rate ?"
-          print(f"step {done}/{t.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  {rate}  "
-                f"ETA {_format_eta(dt * (t.steps - done))}", flush=True)
+          print(progress_line("", done, t.steps, f"loss {row['loss']:.4f}  lr {row['lr']:.2e}", dt, t.batch_size),
+                flush=True)
       stop = _agreed_stop(preempted["flag"], done, t)
       if done % t.checkpoint_every == 0 or done == t.steps or stop:
         if int(jax.device_get(state["nonfinite"])) > 0:
@@ -267,7 +296,7 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
       if periodic_eval.due(done, done == t.steps):
         row = periodic_eval(trainer.model(state, frozen), done)
         writer.write({"step": done, **row})
-        t_last, step_last = time.perf_counter(), done  # keep evaluation time out of the training rate
+        timer.restart(done)  # keep evaluation time out of the training rate
       if stop:
         log.warning("SIGTERM: saved step %d, exiting", done)
         preempted["saved"] = done

@@ -1,5 +1,8 @@
 """SAN's optimizer: AdamW on the trainable parameters only, poly decay, global-norm clipping.
 
+The one optimizer factory of the tree: the demo's CLIP pretraining (san_jax/demo/clip_pretrain.py) builds its
+AdamW, decay mask and cosine schedule here too, from a `train`-shaped config of its own.
+
 Official recipe (DESIGN §1): lr 1e-4, weight decay 1e-4 except LayerNorms and every parameter whose name
 contains `pos_embed`, `positional_embedding` or `query_embed`; poly decay (power 0.9, no warmup) over the
 run; gradients clipped to global norm 0.01 over all trainable parameters. Which parameters train is
@@ -56,9 +59,19 @@ def decay_mask(no_decay_patterns: Sequence[str]) -> Callable[[Any], Any]:
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
+  """The learning rate by step, `train_cfg.schedule.name`:
+    "poly": SAN's: an optional linear warm-up over `warmup_steps`, then poly decay (`power`) to 0 at `steps`;
+    "cosine": CLIP's (the demo's CLIP pretraining): a linear warm-up from 0 over `warmup_steps`, clamped to
+      [1, steps - 1] so that a run shorter than its warm-up still decays, then cosine decay to
+      `end_factor` x lr at max(steps, 2).
+  """
   opt, sched = train_cfg.optimizer, train_cfg.schedule
+  if sched.name == "cosine":
+    total = max(train_cfg.steps, 2)
+    warmup = min(max(sched.warmup_steps, 1), total - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, opt.lr, warmup, total, end_value=sched.end_factor * opt.lr)
   if sched.name != "poly":
-    raise ValueError(f"unknown schedule {sched.name!r} (expected 'poly')")
+    raise ValueError(f"unknown schedule {sched.name!r} (expected 'poly' or 'cosine')")
   decay = optax.polynomial_schedule(init_value=opt.lr, end_value=0.0, power=sched.power,
                                     transition_steps=max(1, train_cfg.steps - sched.warmup_steps))
   if sched.warmup_steps <= 0:

@@ -20,7 +20,7 @@ from typing import Any, List, Optional, Sequence
 ON_NONFINITE = ("stop", "skip")  # loop._on_nonfinite
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # steps.Trainer: float32 = no mixed precision
 OPTIMIZERS = ("adamw",)  # optim.make_optimizer
-SCHEDULES = ("poly",)  # optim.make_schedule
+SCHEDULES = ("poly", "cosine")  # optim.learning_rate_schedule
 DOWNSAMPLE_METHODS = ("max", "avg", "bilinear", "bicubic")  # rec_head.downsample_bias
 SOS_TOKEN_FORMATS = ("cls_token",)  # san.SANConfig (the only one implemented)
 EVALUATORS = ("sem_seg",)  # evaluation.runner (the only evaluator)
@@ -94,6 +94,11 @@ def train_config_problems(cfg, device_count: Optional[int] = None,
   one_of("train.compute_dtype", COMPUTE_DTYPES)
   one_of("train.optimizer.name", OPTIMIZERS)
   one_of("train.schedule.name", SCHEDULES)
+  if get("train.schedule.name") == "cosine":
+    end = get("train.schedule.end_factor")
+    if isinstance(end, bool) or not isinstance(end, (int, float)) or not 0.0 <= end <= 1.0:
+      problems.append(f"train.schedule.end_factor={end!r}: expected a number in [0, 1] (schedule 'cosine' decays "
+                      "to end_factor x lr)")
   positive_int("train.steps")
   batch = positive_int("train.batch_size")
   positive_int("train.log_every")

@@ -24,26 +24,27 @@ i's target distribution is uniform over the captions of the same class in the ba
 each caption; the loss is the mean of the image->text and text->image cross entropies. With one image per
 class it is exactly CLIP's loss. The logit scale starts at log(1/0.07) and is clamped at log(100), as in
 CLIP (in the loss, and in the saved parameter). AdamW (no decay on gains, biases, embeddings and the logit
-scale), linear warmup, cosine decay.
+scale), linear warmup, cosine decay: san_jax.train.optim's factory, from `optimizer_config`.
 
-The CLIP sees what SAN's CLIP branch sees: images normalised with CLIP's mean/std and resized by
-`model.clip_resolution` with the same resize op. The images are rendered on the host by a background
-thread (while the step compiles and while it runs); images are flipped at random on device.
+The CLIP sees what SAN's CLIP branch sees: images normalised and resized by `model.clip_resolution` with
+SAN's own functions (`san.normalize_on_device`, `san.clip_input`); captions are tokenised by the classifier's
+`prompt_tokens` and classes embedded by the text tower's `class_embeddings`, as SAN embeds its vocabulary. The
+images are rendered on the host by a background thread (while the step compiles and while it runs); images
+are flipped at random on device. Progress lines, step rates and the metrics file are the training loop's
+(`loop.progress_line`, `loop.StepTimer`, `loop.MetricsWriter`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -54,11 +55,15 @@ from san_jax.models import clip as clip_lib
 from san_jax.models import rec_head
 from san_jax.models import san as san_lib
 from san_jax.ops import resize
+from san_jax.text import classifier
 from san_jax.text import templates as templates_lib
-from san_jax.text import tokenizer as tokenizer_lib
+from san_jax.train import loop, optim
 
 MAX_LOGIT_SCALE = math.log(100.0)
-NO_DECAY = ("bias", "scale", "embedding", "class_embedding", "positional_embedding", "logit_scale")
+# No weight decay (regexes over dotted parameter paths, as optim.decay_mask reads them): biases, LayerNorm
+# gains (`scale`), embeddings (`token_embedding.embedding`, `class_embedding`, `positional_embedding`) and
+# the logit scale. What is decayed: the kernels, `proj` and `text_projection`.
+NO_DECAY_PATTERNS = (r"\.bias$", r"\.scale$", r"embedding$", r"^logit_scale$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +119,7 @@ def render_scene(index: int, pc: PretrainConfig, split: str = "train") -> Dict:
 
 def clip_grid(pc: PretrainConfig, clip_cfg: clip_lib.CLIPConfig, clip_resolution: float) -> Tuple[int, int]:
   """The CLIP token grid of an S x S image (torch's floor(S * scale) input size, the conv's floor)."""
-  side = int(math.floor(pc.image_size * clip_resolution)) if clip_resolution != 1.0 else pc.image_size
-  g = side // clip_cfg.vision.patch_size
+  g = resize.output_size_for_scale(pc.image_size, clip_resolution) // clip_cfg.vision.patch_size
   return g, g
 
 
@@ -236,25 +240,20 @@ def caption_tokens(class_names: Sequence[str], template_set: str, length: int) -
   prompts, so the text tower learns exactly the prompts SAN will embed). The tokenizer would silently cut
   a longer caption (keeping an end token), so captions are tokenized at full context and checked."""
   templates = templates_lib.get_templates(template_set)
-  captions = [[t.format(n) for n in class_names] for t in templates]
-  full = np.stack([tokenizer_lib.tokenize(c) for c in captions])  # [T, C, 77]
+  full = classifier.prompt_tokens(class_names, templates)  # [T, C, 77]
   n_tokens = full.argmax(-1) + 1  # the end-of-text token has the largest id
   if n_tokens.max() > length:
     t, c = np.unravel_index(n_tokens.argmax(), n_tokens.shape)
-    raise ValueError(f"caption {captions[t][c]!r} has {n_tokens.max()} tokens, more than "
+    raise ValueError(f"caption {templates[t].format(class_names[c])!r} has {n_tokens.max()} tokens, more than "
                      f"clip_pretrain.text_length={length}")
   return full[..., :length].astype(np.int32)
 
 
 # ---- model, loss, step -----------------------------------------------------------------------------------
-def clip_images(images_u8: jax.Array, clip_resolution: float) -> jax.Array:
-  """uint8 NHWC -> what SAN's CLIP branch sees: CLIP-normalised, resized by clip_resolution."""
-  mean = jnp.asarray(san_lib.PIXEL_MEAN, jnp.float32)
-  std = jnp.asarray(san_lib.PIXEL_STD, jnp.float32)
-  x = (images_u8.astype(jnp.float32) - mean) / std
-  if clip_resolution != 1.0:
-    x = resize.interpolate(x, scale_factor=clip_resolution, method="bilinear", axes=(1, 2))
-  return x
+def clip_images(images_u8: jax.Array, san_cfg: san_lib.SANConfig) -> jax.Array:
+  """uint8 [B, S, S, 3] -> what SAN's CLIP branch sees: normalised with the model's mean/std (every pixel is
+  content: no padding), resized by its clip_resolution (SAN's own two functions)."""
+  return san_lib.clip_input(san_lib.normalize_on_device(images_u8, None, san_cfg), san_cfg)
 
 
 def region_embeddings(model: clip_lib.CLIP, images: jax.Array, regions: jax.Array, start_block: int,
@@ -313,39 +312,40 @@ def contrastive_loss(img: jax.Array, txt: jax.Array, labels: jax.Array, logit_sc
   return 0.5 * (i2t + t2i), {"loss_i2t": i2t, "loss_t2i": t2i, "batch_acc": acc}
 
 
-def _decay_mask(params):
-  def leaf(path, _):
-    names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
-    return not any(n in NO_DECAY for n in names)
-  return jax.tree_util.tree_map_with_path(leaf, params)
+def optimizer_config(pc: PretrainConfig) -> ml_collections.ConfigDict:
+  """The pretraining's recipe as the `train` section san_jax.train.optim reads: CLIP's AdamW (b2 0.98, eps
+  1e-6: the values CLIP trained with), no decay on NO_DECAY_PATTERNS, gradients clipped to global norm 1, a
+  linear warm-up then cosine decay to 2% of the peak learning rate."""
+  return ml_collections.ConfigDict(dict(
+      steps=pc.steps, clip_grad_norm=1.0,
+      optimizer=dict(name="adamw", lr=pc.lr, weight_decay=pc.weight_decay, b1=0.9, b2=0.98, eps=1e-6,
+                     no_decay_patterns=list(NO_DECAY_PATTERNS)),
+      schedule=dict(name="cosine", warmup_steps=pc.warmup_steps, end_factor=0.02)))
 
 
 def make_optimizer(pc: PretrainConfig) -> Tuple[optax.GradientTransformation, optax.Schedule]:
-  total = max(pc.steps, 2)
-  warmup = min(max(pc.warmup_steps, 1), total - 1)  # a run shorter than the warm-up still decays
-  schedule = optax.warmup_cosine_decay_schedule(0.0, pc.lr, warmup, total, end_value=0.02 * pc.lr)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=pc.weight_decay,
-                               mask=_decay_mask))
-  return tx, schedule
+  """(the optimizer, its learning-rate schedule) from san_jax.train.optim's factory."""
+  train_cfg = optimizer_config(pc)
+  return optim.make_optimizer(train_cfg), optim.learning_rate_schedule(train_cfg)
 
 
 class Pretrainer:
   """The CLIP, its optimizer and the jitted step."""
 
-  def __init__(self, clip_cfg: clip_lib.CLIPConfig, clip_resolution: float, start_block: int,
-               pc: PretrainConfig):
+  def __init__(self, san_cfg: san_lib.SANConfig, pc: PretrainConfig):
+    """The CLIP of `san_cfg.clip`, seen as SAN's CLIP branch sees it (`clip_images`); regions are recognised
+    from block `san_cfg.feature_last_layer_idx` on, as SAN's recognition head does."""
     self.pc = pc
-    self.clip_cfg = clip_cfg
-    self.clip_resolution = clip_resolution
-    self.start_block = start_block
-    model = clip_lib.CLIP(clip_cfg, rngs=nnx.Rngs(pc.seed))
+    self.san_cfg = san_cfg
+    self.clip_cfg = san_cfg.clip
+    self.start_block = san_cfg.feature_last_layer_idx
+    model = clip_lib.CLIP(self.clip_cfg, rngs=nnx.Rngs(pc.seed))
     self.graphdef, self.params = nnx.split(model, nnx.Param)
     self.tx, self.schedule = make_optimizer(pc)
     self.opt_state = self.tx.init(self.params)
     self._step = jax.jit(self._step_impl, donate_argnums=(0, 1))
     self._embed_regions = jax.jit(self._embed_regions_impl)
-    self._embed_texts = jax.jit(self._embed_texts_impl)
+    self._embed_classes = jax.jit(self._embed_classes_impl)
 
   def _loss(self, params, images, regions, tokens, labels, class_tokens, patch_labels):
     model = nnx.merge(self.graphdef, params)
@@ -371,7 +371,7 @@ class Pretrainer:
     n_cls = caption_bank.shape[1]
     # A random template per class: the captions the dense loss classifies patches against.
     class_tokens = caption_bank[jax.random.randint(k_c, (n_cls,), 0, caption_bank.shape[0]), jnp.arange(n_cls)]
-    x = clip_images(images_u8, self.clip_resolution)
+    x = clip_images(images_u8, self.san_cfg)
     b = x.shape[0]
     # Random flips of image and regions together (the shapes' names do not change under flips).
     flip_h = jax.random.bernoulli(k_h, 0.5, (b,))
@@ -392,10 +392,10 @@ class Pretrainer:
 
   def _embed_regions_impl(self, params, images_u8, regions):
     model = nnx.merge(self.graphdef, params)
-    return region_embeddings(model, clip_images(images_u8, self.clip_resolution), regions, self.start_block)
+    return region_embeddings(model, clip_images(images_u8, self.san_cfg), regions, self.start_block)
 
-  def _embed_texts_impl(self, params, tokens):
-    return nnx.merge(self.graphdef, params).encode_text(tokens, normalize=True)
+  def _embed_classes_impl(self, params, caption_bank):
+    return nnx.merge(self.graphdef, params).class_embeddings(caption_bank)
 
   def compile(self, pool: "ExamplePool", caption_bank: jax.Array, batch_size: int) -> None:
     """Compiles the step ahead of time for the pool's array shapes (while its renderer is still running)."""
@@ -411,10 +411,9 @@ class Pretrainer:
     return metrics
 
   def class_embeddings(self, caption_bank: jax.Array) -> jax.Array:
-    """[C, E]: per-template normalised text embeddings averaged over templates, renormalised (as SAN)."""
-    t, c, length = caption_bank.shape
-    emb = self._embed_texts(self.params, caption_bank.reshape(t * c, length)).reshape(t, c, -1)
-    return clip_lib.l2_normalize(emb.mean(0))
+    """[T, C, L] caption tokens -> [C, E]: the text tower's `class_embeddings`, the function SAN embeds its
+    vocabulary with (per-template normalised, averaged over templates, renormalised)."""
+    return self._embed_classes(self.params, caption_bank)
 
   def classify_regions(self, pool: "ExamplePool", caption_bank: jax.Array, chunk: int = 128) -> np.ndarray:
     """Predicted class ids [N, Q] of every region of a (fully rendered) pool against every class's prompts."""
@@ -473,13 +472,12 @@ def pretrain(cfg, out_dir: str, *, log: Callable[[str], None] = print,
   Returns a summary (time, final metrics, zero-shot accuracies on held-out renders, seen/unseen)."""
   pc = PretrainConfig.from_config(cfg)
   san_cfg = san_lib.config_from_dict(cfg.model.to_dict())
-  clip_cfg, clip_resolution, start_block = san_cfg.clip, float(san_cfg.clip_resolution), san_cfg.feature_last_layer_idx
-  grid_hw = clip_grid(pc, clip_cfg, clip_resolution)
+  grid_hw = clip_grid(pc, san_cfg.clip, float(san_cfg.clip_resolution))
   names = shapes.class_names()
   t_start = time.perf_counter()
   pool = ExamplePool(pc, len(names), grid_hw)
   bank = jnp.asarray(caption_tokens(names, pc.templates, pc.text_length))
-  trainer = Pretrainer(clip_cfg, clip_resolution, start_block, pc)
+  trainer = Pretrainer(san_cfg, pc)
   n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(trainer.params))
   what = "single-object images" if pc.mode == "single" else f"scenes (<= {pc.max_regions} captioned regions each)"
   log(f"CLIP pretraining: {n_params:,} parameters, {pc.steps} steps of {pc.batch_size} {what} "
@@ -500,45 +498,38 @@ def pretrain(cfg, out_dir: str, *, log: Callable[[str], None] = print,
     return cache
 
   rows = []
-  mfile = open(metrics_path, "a") if metrics_path else None
-  t_last, step_last = None, 0
+  writer = loop.MetricsWriter(metrics_path)
+  timer = loop.StepTimer(0)
   try:
     for step in range(pc.steps):
       images, classes, regions, plabels = pool.sample(rng, pc.batch_size)
       metrics = trainer.step(jnp.asarray(images), jnp.asarray(classes), jnp.asarray(regions), jnp.asarray(plabels),
                              bank, jax.random.fold_in(key, step))
       done = step + 1
-      if t_last is None:
+      if done == 1:  # the first call compiled the step: keep compile time out of the rate
         jax.block_until_ready(metrics)
-        t_last, step_last = time.perf_counter(), done
-        log(f"clip step {done}/{pc.steps}: ran the first step "
-            f"({t_last - t_start:.0f}s since start)")
+        timer.restart(done)
+        log(f"clip step {done}/{pc.steps}: ran the first step ({time.perf_counter() - t_start:.0f}s since start)")
       if done % pc.log_every == 0 or done == pc.steps:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        dt = (now - t_last) / max(done - step_last, 1)
-        t_last, step_last = now, done
-        row = {"step": done, **m, "lr": float(trainer.schedule(step)), "step_time_s": dt}
+        dt = timer.lap(done)
+        row = {"step": done, **m, "lr": float(trainer.schedule(step)), "step_time_s": dt if math.isfinite(dt) else None}
         rows.append(row)
-        if mfile:
-          mfile.write(json.dumps(row) + "\n")
-          mfile.flush()
+        writer.write(row)
         if not math.isfinite(m["loss"]):
           raise FloatingPointError(f"CLIP pretraining diverged at step {done}: {m}")
         dense = f"  dense acc {m['dense_acc']:.2f}" if "dense_acc" in m else ""
-        log(f"clip step {done}/{pc.steps}  loss {m['loss']:.3f}  batch acc {m['batch_acc']:.2f}{dense}  "
-            f"scale {m['logit_scale']:.1f}  {1 / dt:.2f} steps/s  ETA {dt * (pc.steps - done):.0f}s")
+        log(loop.progress_line("clip ", done, pc.steps, f"loss {m['loss']:.3f}  batch acc {m['batch_acc']:.2f}{dense}  "
+                               f"scale {m['logit_scale']:.1f}", dt))
       if pc.eval_every and done % pc.eval_every == 0 and done < pc.steps:
-        t_eval = time.perf_counter()
         log(f"clip step {done}: zero-shot accuracy {format_report(zero_shot_report(trainer, held_out(), bank))}")
-        t_last += time.perf_counter() - t_eval  # keep the evaluation out of the step rate
+        timer.restart(done)  # keep the evaluation out of the step rate
   finally:
-    if mfile:
-      mfile.close()
+    writer.close()
   train_time = time.perf_counter() - t_start
   summary = {"steps": pc.steps, "time_s": train_time, "params": n_params, "final": rows[-1] if rows else {},
              **zero_shot_report(trainer, held_out(), bank)}
   log(f"CLIP zero-shot accuracy (48-way, held-out renders): {format_report(summary)}")
-  checkpoint.save_params(out_dir, trainer.flat_params(), clip_lib.config_to_dict(clip_cfg), force=True)
+  checkpoint.save_params(out_dir, trainer.flat_params(), clip_lib.config_to_dict(san_cfg.clip), force=True)
   pool.join()
   return summary
