@@ -25,7 +25,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 
 Path = Tuple  # an NNX flat path: strings and ints
 FlatParams = Dict[Path, Any]
@@ -82,7 +82,8 @@ def flatten(tree: Any) -> FlatParams:
 
 
 def _nest(flat: Mapping[Path, Any]) -> Dict[str, Any]:
-  """Flat paths -> nested dict keyed by strings (the on-disk form)."""
+  """Flat paths -> nested dict keyed by strings (the on-disk form). Not flax's traverse_util.unflatten_dict:
+  it lets a subtree silently replace a leaf of the same path; here that is an error naming the path."""
   root: Dict[str, Any] = {}
   for path, value in flat.items():
     if not path:
@@ -99,15 +100,10 @@ def _nest(flat: Mapping[Path, Any]) -> Dict[str, Any]:
   return root
 
 
-def _unnest(tree: Mapping[str, Any], prefix: Path = ()) -> FlatParams:
-  out: FlatParams = {}
-  for k, v in tree.items():
-    path = prefix + (_decode_key(k),)
-    if isinstance(v, Mapping):
-      out.update(_unnest(v, path))
-    else:
-      out[path] = np.asarray(v)
-  return out
+def _unnest(tree: Mapping[str, Any]) -> FlatParams:
+  """The on-disk nested dict -> {path tuple: np.ndarray} (integer keys decoded)."""
+  return {tuple(_decode_key(k) for k in path): np.asarray(v)
+          for path, v in traverse_util.flatten_dict(dict(tree)).items()}
 
 
 # ---- parameters checkpoints ---------------------------------------------------------------------------

@@ -186,9 +186,12 @@ def logical_to_mesh(names: Sequence[Optional[str]], shape: Sequence[int], mesh: 
 
 
 def _names_of(var) -> Tuple[Optional[str], ...]:
+  """A Variable's logical axis names: flax's `out_sharding` metadata, which `layers.param` and
+  `nnx.with_partitioning` set (nnx.get_partition_spec reads the same). The names are resolved by
+  `logical_to_mesh`, not flax's logical_to_mesh_axes, which cannot skip a mesh axis that does not divide
+  the dimension."""
   meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
-  names = meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding") or ()
-  return tuple(names)
+  return tuple(meta.get("out_sharding") or ())
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
