@@ -52,12 +52,17 @@ def _main(f: flags.FlagValues, args: List[str]) -> int:
     sys.exit(loop.PREEMPTED_EXIT_STATUS)
   except (sharding.TopologyError, validate.ConfigError, workdir_lib.WorkdirError,
           checkpoint.CheckpointSaveError) as err:
-    # One message, exit status 1: what is wrong is named, no traceback. os._exit: the message stays the last
-    # line (orbax's background threads can otherwise print teardown errors after it at interpreter exit);
-    # nothing is left to flush: the loop has closed its files and released the workdir lock.
-    print(f"train.py: {err}", file=sys.stderr, flush=True)
+    # One message, exit status 1: what is wrong is named, no traceback. The message stays the last line:
+    # orbax's and tensorstore's background threads can print teardown errors at any moment after a failed
+    # restore (a CI run caught an asyncio traceback in the microseconds before os._exit), so once it is out,
+    # stdout and stderr point at /dev/null; nothing is left to flush: the loop has closed its files and
+    # released the workdir lock.
     logging.shutdown()
     sys.stdout.flush()
+    print(f"train.py: {err}", file=sys.stderr, flush=True)
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
     os._exit(1)
   return 0
 

@@ -15,7 +15,15 @@ and every loss of steps 1..16 in the chain's metrics.jsonl (a step logged again 
 must be the reference's within 1e-5 relative. Tolerance: the runs differ only in the order of
 floating-point reductions (gloo's cross-process sums, the fsdp layout of A); measured here the relative
 differences are below 1e-6 (see the issue 11 note), while a different batch, augmentation draw, matching
-or learning rate moves the loss by 1e-2 or more. Evaluation (eval.py --workdir on the chain's last
+or learning rate moves the loss by 1e-2 or more.
+
+The chain trains with train.criterion.importance_sample_ratio=0 (every mask-loss point drawn uniformly, no
+top-k of uncertain points). The top-k is discontinuous: the layouts' float noise (1e-7) swaps a near-tie at
+its k-th place in some step, and from there the runs are different trainings. Measured on this machine,
+1 x 8 against 2 x 4, 40 steps of this command (issue 11 note): with the top-k the losses part at step 7
+(2.8e-4, then 1e-2 and more), and a chain run parted at step 14 (2.2e-3); without it they agree within
+1e-6 for 24 steps and drift only smoothly afterwards (3e-5 at step 27). Everything else (the data, every
+draw, the matching, the sharded gradients, checkpoints and resumes) is as in any run. Evaluation (eval.py --workdir on the chain's last
 checkpoint) on 2 processes must give exactly the 1-process numbers, written once.
 """
 
@@ -40,7 +48,7 @@ RTOL = 1e-5
 TRAIN = ["train.py", "--config", "configs/tiny.py", "--config.train.batch_size=8", "--config.train.log_every=1",
          "--config.train.eval_every=0", "--config.train.checkpoint_every=4", "--config.train.keep_checkpoints=10",
          "--config.data.num_examples=48", "--config.distributed.heartbeat_timeout_s=10",
-         "--config.distributed.shutdown_timeout_s=10"]
+         "--config.distributed.shutdown_timeout_s=10", "--config.train.criterion.importance_sample_ratio=0.0"]
 
 
 def env(devices: int = 8, xla_flags: str = "") -> dict:
@@ -330,7 +338,8 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from san_jax.losses import matcher
 
-# The assignment under shard_map is scipy's, on meshes that split the batch over one or two axes.
+# The assignment under shard_map is scipy's, on meshes that split the batch over one or two axes (and a third
+# that the matcher adds).
 rng = np.random.default_rng(0)
 cost = rng.normal(size=(2, 32, 100, 16)).astype(np.float32)
 nv = rng.integers(0, 17, size=32).astype(np.int32)
@@ -344,7 +353,22 @@ for shape in [(8, 1, 1), (4, 2, 1), (2, 2, 2)]:
     n = jax.device_put(nv, NamedSharding(mesh, P(("data", "fsdp"))))
     got = f(c, n)
     assert all(np.array_equal(np.asarray(g), w) for g, w in zip(got, want)), shape
-    assert not re.search(r"all-gather|all-to-all|collective-permute", f.lower(c, n).compile().as_text()), shape
+    # No cost matrix moves between devices; only the int32 assignments are gathered, along an axis that
+    # is not a batch axis (model, in the last mesh), where the matcher splits the images further.
+    moved = re.findall(r"= (\w+)\[[^\n]*? (?:all-gather|all-to-all|collective-permute)(?:-start)?\(",
+                       f.lower(c, n).compile().as_text())
+    assert set(moved) <= ({"s32"} if shape[2] > 1 else set()), (shape, moved)
+
+# The importance sampling's top-k per shard too (the chain trains without it; see the module docstring).
+from san_jax.ops import sampling
+u = rng.normal(size=(32, 5, 300)).astype(np.float32)
+for shape in [(8, 1, 1), (4, 2, 1)]:
+  mesh = jax.make_mesh(shape, ("data", "fsdp", "model"))
+  with jax.set_mesh(mesh):
+    g = jax.jit(lambda v: sampling._top_k_indices(v, 64, ("data", "fsdp")))
+    x = jax.device_put(u, NamedSharding(mesh, P(("data", "fsdp"))))
+    assert np.array_equal(np.asarray(g(x)), np.argsort(-u, axis=-1, kind="stable")[..., :64]), shape
+    assert not re.search(r"all-gather|all-to-all|collective-permute", g.lower(x).compile().as_text()), shape
 
 print("OK")
 """
@@ -358,9 +382,9 @@ def test_matching_per_shard_is_scipys_and_gathers_nothing():
 
 @pytest.mark.slow
 def test_compiled_train_step_has_only_the_gradient_all_reduces(reference):
-  """The reference run's compiled step (8 devices, data=8): each device's images are matched (and their
-  importance-sampled points chosen) on its own host; the only collectives are the all-reduces of the
-  gradients and metrics, none gathers cost matrices or uncertainties to one device."""
+  """The reference run's compiled step (8 devices, data=8): each device's images are matched on its own
+  host; the only collectives are the all-reduces of the gradients and metrics, none gathers cost matrices
+  to one device (the top-k's per-shard HLO is HLO_SCRIPT's)."""
   wd, _ = reference
   dumps = sorted((wd.parent / "hlo").glob("*jit_step_fn*after_optimizations.txt"))
   assert dumps, sorted(p.name for p in (wd.parent / "hlo").iterdir())[:20]

@@ -14,7 +14,7 @@ through `jax.pure_callback`, on the [Q, n_valid] block only, so padded targets n
 result is exactly scipy's (rows ascending, as scipy returns them). Matches come back padded to
 K = min(Q, T) with a validity mask. Given the mesh axes that shard the batch (`batch_axes`, the train
 step's), the callback runs inside a `shard_map` over them: every device hands its own images' cost
-matrices to its own host, so each host solves only its images and nothing is gathered to one device
+matrices to its own host, so each host solves only its images and no cost matrix is gathered to one device
 (without it, XLA replicates the cost matrices onto device 0 for the callback: "involuntary full
 rematerialization", and on a pod one host would solve the whole global batch). Costs are computed with
 broadcasting leading dimensions rather than vmap, which explicit-sharding meshes refuse when
@@ -106,13 +106,27 @@ def _assign_callback(cost: jax.Array, num_valid: jax.Array):
 
 
 def _sharded_axes(batch_axes: Sequence[str], batch: int) -> Tuple[str, ...]:
-  """The axes of `batch_axes` the current mesh has, when they split the batch (more than one way, evenly)."""
+  """The axes of `batch_axes` the current mesh has, when they split the batch (more than one way, evenly),
+  followed by the mesh's other axes (size > 1) that still split it evenly.
+
+  The other axes: devices that differ only along them hold the same images, and a host callback under
+  shard_map on such replicated copies intermittently deadlocks or aborts the process here (jaxlib 0.10.2
+  on 8 CPU devices: 3 of 39 runs of a (4, 2) mesh with the callback's operand replicated along the second
+  axis, 0 of 30 with it split along both); splitting the images over them as well gives every device its
+  own images (and divides the host's work), at the price of an all-gather of the int32 assignments along
+  those axes.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
   axes = tuple(a for a in batch_axes if a in mesh.axis_names)
   ways = math.prod(mesh.shape[a] for a in axes)
-  return axes if ways > 1 and batch % ways == 0 else ()
+  if ways <= 1 or batch % ways:
+    return ()
+  for a in mesh.axis_names:
+    if a not in axes and mesh.shape[a] > 1 and batch % (ways * mesh.shape[a]) == 0:
+      axes, ways = axes + (a,), ways * mesh.shape[a]
+  return axes
 
 
 def assign(cost: jax.Array, num_valid: jax.Array, batch_axes: Sequence[str] = ()) -> Dict[str, jax.Array]:
@@ -132,10 +146,16 @@ def assign(cost: jax.Array, num_valid: jax.Array, batch_axes: Sequence[str] = ()
   axes = _sharded_axes(batch_axes, cost.shape[0]) if cost.ndim == 3 else ()
   if axes:
     spec = P(axes if len(axes) > 1 else axes[0])
-    # Manual over every mesh axis (host callbacks refuse partially automatic sharding): devices that differ
-    # only along the other axes hold the same images and solve them alike.
+    # Manual over every mesh axis (host callbacks refuse partially automatic sharding); see _sharded_axes
+    # for the axes beyond batch_axes.
+    explicit = jax.sharding.AxisType.Explicit in jax.sharding.get_abstract_mesh().axis_types
+    if explicit:  # explicit meshes do not reshard implicitly: the extra axes' split, and back after
+      back = (jax.typeof(cost).sharding.spec[0],)
+      cost, num_valid = jax.reshard(cost, spec), jax.reshard(num_valid, spec)
     rows, cols = jax.shard_map(_assign_callback, in_specs=(spec, spec), out_specs=(spec, spec),
                                check_vma=False)(cost, num_valid)
+    if explicit:
+      rows, cols, num_valid = (jax.reshard(a, P(*back)) for a in (rows, cols, num_valid))
   else:
     rows, cols = _assign_callback(cost, num_valid)
   valid = jnp.arange(k) < jnp.minimum(num_valid, q)[..., None]

@@ -128,6 +128,8 @@ def uncertain_points(
   if oversample_coords.shape != lead + (num_sampled, 2) or random_coords.shape != lead + (num_random, 2):
     raise ValueError(f"draws must be {lead + (num_sampled, 2)} and {lead + (num_random, 2)}; got "
                      f"{oversample_coords.shape} and {random_coords.shape}")
+  if num_uncertain == 0:  # importance_sample_ratio 0: uniform points only (torch concatenates an empty top-k)
+    return jax.lax.stop_gradient(random_coords.astype(oversample_coords.dtype))
   uncertainty = uncertainty_fn(sample_points(jax.lax.stop_gradient(maps), oversample_coords))
   idx = _top_k_indices(uncertainty, num_uncertain, batch_axes)
   chosen = jnp.take_along_axis(oversample_coords, idx[..., None], axis=-2)
