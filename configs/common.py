@@ -53,6 +53,11 @@ def train() -> ml_collections.ConfigDict:
                      no_decay_patterns=list(NO_DECAY_PATTERNS)),
       schedule=dict(name="poly", power=0.9, warmup_steps=0),
       clip_grad_norm=0.01,
+      # Add the devices' losses and gradients in a fixed device order (all-to-all + all-gather, the traffic of
+      # an all-reduce), so any process layout trains the same trajectory bit for bit; parameters are gathered
+      # for the step (DDP-like) and the batch must split over all devices. False: XLA's all-reduces, fsdp
+      # keeps the parameters sharded through the step (train/steps.py).
+      deterministic_reductions=True,
       criterion=dict(class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
                      num_points=112 * 112, oversample_ratio=3.0, importance_sample_ratio=0.75, max_targets=64),
       on_nonfinite="stop",  # or "skip": never write a poisoned checkpoint

@@ -328,6 +328,17 @@ def test_validation_checks_mesh_data_sets_and_paths(tmp_path):
   problems = validate.train_config_problems(cfg, device_count=4, process_count=2)
   assert problems == ["train.batch_size=6 is not divisible by the data-parallel mesh size data x fsdp = 2 x 2 = 4 "
                       "(mesh {'data': 2, 'fsdp': 2, 'model': 1}, 4 devices)"]
+  # A model axis: the batch splits over data x fsdp = 2, but the deterministic step splits it over all 4 devices.
+  cfg.mesh.shape.fsdp, cfg.mesh.shape.model = 1, 2
+  problems = validate.train_config_problems(cfg, device_count=4, process_count=2)
+  assert problems == ["train.batch_size=6 is not divisible by the 4 devices, which train.deterministic_reductions=True "
+                      "splits it over (or set it False)"], problems
+  cfg.train.deterministic_reductions = False
+  assert validate.train_config_problems(cfg, device_count=4, process_count=2) == []
+  del cfg.train["deterministic_reductions"]  # a config file that writes a string (ConfigDict types an override)
+  cfg.train.deterministic_reductions = "yes"
+  assert validate.train_config_problems(cfg, device_count=4, process_count=2) == [
+      "train.deterministic_reductions='yes': expected True or False"]
 
 
 def test_known_data_sets_are_exactly_the_builders():

@@ -20,6 +20,10 @@ Global batch vs the official DDP: there each GPU divides its mask losses by (all
 size) and DDP averages the gradients, which is exactly the global-batch normalisation used here. The
 cross entropy differs slightly: officially the mean over GPUs of per-GPU weighted means, here one
 weighted mean over the global batch (equal when every GPU's weight sum is the same).
+
+Inside the deterministic train step (`CriterionConfig.sum_axes`) each device evaluates its share of the
+batch: the normalisers (target count, the cross entropy's weight sum) are the global batch's, so the
+devices' terms add up (in device order, ops/reduce.py) to the global-batch terms above.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from san_jax.losses import matcher as matcher_lib
+from san_jax.ops import reduce as reduce_lib
 from san_jax.ops import sampling
 
 
@@ -46,6 +51,10 @@ class CriterionConfig:
   oversample_ratio: float = 3.0
   importance_sample_ratio: float = 0.75
   batch_axes: Tuple[str, ...] = ()  # mesh axes sharding the batch: the matcher's host work runs per shard
+  # Inside shard_map with these (manual) axes: the batch is this device's share, the normalisers are the
+  # global batch's (exact int sums, `ordered_sum` of floats) and every term is the device's share of the
+  # global term (the shares add up to it). Used with batch_axes=() (everything here is then local).
+  sum_axes: Tuple[str, ...] = ()
 
   @property
   def costs(self) -> matcher_lib.MatchCosts:
@@ -102,8 +111,9 @@ def sample_draws(rng: jax.Array, cfg: CriterionConfig, num_outputs: int, batch: 
 
 # ---- the loss terms ----------------------------------------------------------------------------------
 def loss_labels(pred_logits: jax.Array, labels: jax.Array, match: Mapping[str, jax.Array],
-                num_classes: int, eos_coef: float) -> jax.Array:
-  """Weighted cross entropy over C+1 classes; pred_logits [B, Q, C+1], labels [B, T]."""
+                num_classes: int, eos_coef: float, sum_axes: Sequence[str] = ()) -> jax.Array:
+  """Weighted cross entropy over C+1 classes; pred_logits [B, Q, C+1], labels [B, T]. With `sum_axes`
+  (see CriterionConfig) the weight sum is the global batch's and the result this device's share."""
   q = pred_logits.shape[1]
   matched = jnp.take_along_axis(labels, match["tgt_idx"], axis=1).astype(jnp.int32)  # [B, K]
   # Each query is matched at most once: a one-hot sum instead of a scatter (no ambiguity for a
@@ -113,7 +123,7 @@ def loss_labels(pred_logits: jax.Array, labels: jax.Array, match: Mapping[str, j
   logp = jax.nn.log_softmax(pred_logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
   w = jnp.where(target == num_classes, jnp.float32(eos_coef), jnp.float32(1.0))  # weights [1, ..., 1, eos_coef]
-  return (w * nll).sum() / w.sum()
+  return (w * nll).sum() / reduce_lib.ordered_sum(w.sum(), sum_axes)
 
 
 def sigmoid_ce(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -164,9 +174,13 @@ def output_suffix(i: int, num_outputs: int) -> str:
   return "" if i == num_outputs - 1 else f"_{i}"
 
 
-def num_target_masks(valid: jax.Array) -> jax.Array:
-  """The loss normaliser: valid targets in the whole (global) batch, at least 1, float32."""
-  return jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
+def num_target_masks(valid: jax.Array, sum_axes: Sequence[str] = ()) -> jax.Array:
+  """The loss normaliser: valid targets in the whole (global) batch, at least 1, float32 (with `sum_axes`,
+  the devices' counts are added as integers: exact in any order)."""
+  count = valid.sum(dtype=jnp.int32)
+  if sum_axes:
+    count = jax.lax.psum(count, tuple(sum_axes))
+  return jnp.maximum(count.astype(jnp.float32), 1.0)
 
 
 def set_criterion(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array], cfg: CriterionConfig, *,
@@ -199,12 +213,12 @@ def set_criterion(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Ar
   for name, shape in shapes.items():
     if tuple(draws[name].shape) != shape:
       raise ValueError(f"draws[{name!r}] has shape {tuple(draws[name].shape)}, expected {shape}")
-  num_masks = num_target_masks(targets["valid"])
+  num_masks = num_target_masks(targets["valid"], cfg.sum_axes)
 
   def one_output(logits_i, masks_i, matcher_pts, oversample, random, points=None):
     match = matcher_lib.hungarian_match(logits_i, masks_i, targets["labels"], targets["masks"],
                                         targets["valid"], matcher_pts, cfg.costs, cfg.batch_axes)
-    ce = loss_labels(logits_i, targets["labels"], match, cfg.num_classes, cfg.eos_coef)
+    ce = loss_labels(logits_i, targets["labels"], match, cfg.num_classes, cfg.eos_coef, cfg.sum_axes)
     bce, dsc, coords = loss_masks(masks_i, targets["masks"], match, num_masks, oversample, random, cfg, points)
     return {"loss_ce": ce, "loss_mask": bce, "loss_dice": dsc}, match, coords
 

@@ -6,6 +6,18 @@ optimizer. Initialisation follows DESIGN §3.6: `jax.eval_shape(init)` -> shardi
 names -> `jax.jit(init, out_shardings=...)`, so no host ever materialises the whole model unsharded.
 The step is `jax.jit(step, in_shardings, out_shardings, donate_argnums=0)`.
 
+Two ways to add the devices' contributions (config `train.deterministic_reductions`):
+  * True (default): the step is one `shard_map` over every mesh axis. Each device computes the loss and
+    gradient of its share of the batch (the criterion normalised by the global batch, `sum_axes`), the
+    shares are added with `ops.reduce.ordered_sum_tree` (device order, the same bits on any process layout:
+    1 x 8, 2 x 4 and 4 x 2 devices train the same trajectory, issue 11), and every device applies the
+    update to its whole copy of the parameters, as DDP does. Parameters and optimizer state stay stored
+    with their shardings (fsdp shards in checkpoints and between steps) but are gathered for the step, so
+    fsdp saves no step memory in this mode; the batch must split over all devices.
+  * False: one global program; XLA's all-reduces (or reduce-scatters under fsdp) add the gradients in the
+    order the collective library picks, fsdp keeps parameters sharded through the step, and the criterion's
+    matching and top-k run per batch shard (`batch_axes`).
+
 A step whose loss or gradient norm is not finite leaves the state unchanged (params, optimizer) and
 records itself in `nonfinite`/`last_nonfinite_step`; the loop then stops or goes on (config
 `train.on_nonfinite`), and no checkpoint is ever written from a poisoned state.
@@ -20,9 +32,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from san_jax.losses import criterion as criterion_lib
+from san_jax.ops import reduce as reduce_lib
 from san_jax.models import params as params_lib
 from san_jax.models import san as san_lib
 from san_jax.train import optim, sharding
@@ -30,13 +43,21 @@ from san_jax.train import optim, sharding
 PyTree = Any
 
 
-def criterion_config(train_cfg, num_classes: int, batch_axes: Tuple[str, ...] = ()) -> criterion_lib.CriterionConfig:
+def criterion_config(train_cfg, num_classes: int, batch_axes: Tuple[str, ...] = (),
+                     sum_axes: Tuple[str, ...] = ()) -> criterion_lib.CriterionConfig:
   c = train_cfg.criterion
   return criterion_lib.CriterionConfig(
       num_classes=num_classes, eos_coef=c.no_object_weight, class_weight=c.class_weight,
       mask_weight=c.mask_weight, dice_weight=c.dice_weight, num_points=c.num_points,
       oversample_ratio=c.oversample_ratio, importance_sample_ratio=c.importance_sample_ratio,
-      batch_axes=tuple(batch_axes))
+      batch_axes=tuple(batch_axes), sum_axes=tuple(sum_axes))
+
+
+def device_batch_axes(mesh: Mesh, batch_axes: Tuple[str, ...]) -> Tuple[str, ...]:
+  """The axes a deterministic step splits the batch over: the batch axes, then every other mesh axis of
+  size > 1, so each device holds its own images (devices holding copies of the same images would each run
+  the matching's host callback on them; see matcher._sharded_axes for why that is avoided)."""
+  return tuple(batch_axes) + tuple(a for a in mesh.axis_names if a not in batch_axes and mesh.shape[a] > 1)
 
 
 @dataclasses.dataclass
@@ -55,7 +76,13 @@ class Trainer:
     self.keep = optim.trainable_filter(self.train_cfg.trainable_patterns)
     spec = sharding.batch_sharding(self.mesh, self.rules, 1).spec[0]
     batch_axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    self.criterion = criterion_config(self.train_cfg, self.num_classes, batch_axes)
+    self.deterministic = bool(self.train_cfg.get("deterministic_reductions", False))
+    if self.deterministic:
+      self.split_axes = device_batch_axes(self.mesh, batch_axes)
+      self.criterion = criterion_config(self.train_cfg, self.num_classes, (), self.split_axes)
+    else:
+      self.split_axes = ()
+      self.criterion = criterion_config(self.train_cfg, self.num_classes, batch_axes)
     abstract_model = nnx.eval_shape(lambda: self._new_model(jax.random.key(0)))
     self.graphdef, abstract_params, abstract_frozen = nnx.split(abstract_model, self.keep, ...)
     if not jax.tree.leaves(abstract_params):
@@ -101,9 +128,10 @@ class Trainer:
                         (self.state_shardings, self.frozen_shardings))
 
   # ---- the step ---------------------------------------------------------------------------------------
-  def loss_fn(self, params, frozen, batch, class_embeddings, rng):
+  def loss_fn(self, params, frozen, batch, class_embeddings, draws):
     """batch: image uint8 [B, H, W, 3], image_size int [B, 2], labels [B, T], masks [B, T, H, W],
-    valid bool [B, T] (the input pipeline's training batches)."""
+    valid bool [B, T] (the input pipeline's training batches); draws: `criterion_lib.sample_draws`'s.
+    In the deterministic step B is the device's share and the losses are its shares of the global ones."""
     model = nnx.merge(self.graphdef, params, frozen)
     images = san_lib.normalize_on_device(batch["image"], batch["image_size"], self.model_cfg)
     if self.compute_dtype is not None:
@@ -112,13 +140,17 @@ class Trainer:
     out = {k: v.astype(jnp.float32) for k, v in out.items()}
     valid = batch["valid"]
     targets = {"labels": jnp.where(valid, batch["labels"], 0), "masks": batch["masks"], "valid": valid}
-    losses, _ = criterion_lib.set_criterion(out, targets, self.criterion, rng=rng)
+    losses, _ = criterion_lib.set_criterion(out, targets, self.criterion, draws=draws)
     return criterion_lib.total_loss(losses), losses
 
-  def step_fn(self, state, frozen, batch, class_embeddings, rng):
-    step_rng = jax.random.fold_in(rng, state["step"])
-    (loss, losses), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
-        state["params"], frozen, batch, class_embeddings, step_rng)
+  def draws(self, rng, step, labels) -> Dict[str, jax.Array]:
+    """The step's point draws for the global batch (labels [B, T]): the same whatever the layout."""
+    return criterion_lib.sample_draws(
+        jax.random.fold_in(rng, step), self.criterion, len(self.model_cfg.side.deep_supervision_idxs),
+        labels.shape[0], min(self.model_cfg.side.num_queries, labels.shape[1]))
+
+  def _apply(self, state, loss, losses, grads):
+    """The optimizer step from the (global) loss and gradients; a non-finite one changes nothing."""
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -134,6 +166,33 @@ class Trainer:
     metrics = {"loss": loss, **losses, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
                "finite": finite}
     return new_state, metrics
+
+  def step_fn(self, state, frozen, batch, class_embeddings, rng):
+    draws = self.draws(rng, state["step"], batch["labels"])
+    if not self.deterministic or not self.split_axes:  # one device: nothing to add across devices
+      (loss, losses), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+          state["params"], frozen, batch, class_embeddings, draws)
+      return self._apply(state, loss, losses, grads)
+
+    axes, ways = self.split_axes, self.mesh.devices.size
+    if batch["labels"].shape[0] % ways:  # validate.py says so before a run starts; this is for direct callers
+      raise sharding.TopologyError(
+          f"train.deterministic_reductions=True splits the batch over all {ways} devices of the mesh "
+          f"{dict(self.mesh.shape)}: a batch of {batch['labels'].shape[0]} is not divisible by {ways} "
+          "(change the batch size, or set train.deterministic_reductions=False)")
+
+    def local(state, frozen, batch, class_embeddings, draws):
+      (_, shares), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+          state["params"], frozen, batch, class_embeddings, draws)
+      names = sorted(shares)
+      totals = reduce_lib.ordered_sum(jnp.stack([shares[n] for n in names]), axes)
+      losses = {n: totals[i] for i, n in enumerate(names)}
+      grads = reduce_lib.ordered_sum_tree(grads, axes)
+      return self._apply(state, criterion_lib.total_loss(losses), losses, grads)
+
+    split = P(axes)
+    return jax.shard_map(local, mesh=self.mesh, in_specs=(P(), P(), split, P(), P(None, axes)),
+                         out_specs=(P(), P()), check_vma=False)(state, frozen, batch, class_embeddings, draws)
 
   def compile_step(self, batch_ndims: Mapping[str, int]) -> Callable:
     """The jitted step with explicit shardings; state donated."""

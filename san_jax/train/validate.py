@@ -105,6 +105,9 @@ def train_config_problems(cfg, device_count: Optional[int] = None,
   positive_int("train.checkpoint_every")
   positive_int("train.keep_checkpoints")
   positive_int("train.eval_every", minimum=0) if get("train.eval_every") is not None else None
+  deterministic = get("train.deterministic_reductions", False)
+  if not isinstance(deterministic, bool):
+    problems.append(f"train.deterministic_reductions={deterministic!r}: expected True or False")
   positive_int("train.criterion.num_points")
   positive_int("train.criterion.max_targets")
   ratio = get("train.criterion.importance_sample_ratio")
@@ -183,6 +186,9 @@ def train_config_problems(cfg, device_count: Optional[int] = None,
       if batch % dp:
         problems.append(f"train.batch_size={batch} is not divisible by the data-parallel mesh size data x fsdp = "
                         f"{resolved['data']} x {resolved['fsdp']} = {dp} (mesh {resolved}, {device_count} devices)")
+      elif deterministic is True and batch % device_count:
+        problems.append(f"train.batch_size={batch} is not divisible by the {device_count} devices, which "
+                        "train.deterministic_reductions=True splits it over (or set it False)")
     if batch % process_count:
       problems.append(f"train.batch_size={batch} is not divisible by the {process_count} processes (hosts)")
   return problems
