@@ -115,6 +115,39 @@ def test_eval_labels_are_the_originals():
     assert b["image_size"][0].tolist() == [48, 64] and b["image"].shape == (1, 64, 64, 3)
 
 
+class _Sizes:
+  """Three examples of different sizes (portrait, landscape, small), labels 0..2 inside."""
+  shapes = [(40, 24), (24, 48), (16, 16)]
+
+  def __len__(self):
+    return len(self.shapes)
+
+  def __getitem__(self, i):
+    h, w = self.shapes[i]
+    rng = np.random.default_rng(i)
+    return {"image": rng.integers(0, 256, (h, w, 3), np.uint8), "label": rng.integers(0, 3, (h, w), np.int32)}
+
+
+def test_eval_batches_share_the_largest_canvas_and_keep_each_example():
+  aug = augment.EvalAugConfig(min_size_test=24, max_size_test=64, size_divisibility=16, ignore_label=255)
+  make = lambda b: list(pipeline.make_pipeline(_Sizes(), mode="eval", batch_size=b, process_index=0,
+                                               process_count=1, eval_aug=aug))
+  singles, (batch, padded) = make(1), make(2)
+  # each example alone: its own canvas (a multiple of 16); together: the largest of them, padded
+  assert [s["image"].shape[1:3] for s in singles] == [(48, 32), (32, 48), (32, 32)]
+  assert batch["image"].shape == (2, 48, 48, 3) and batch["sem_seg"].shape == (2, 40, 48)
+  for i, single in enumerate(singles[:2]):
+    h, w = single["image"].shape[1:3]
+    np.testing.assert_array_equal(batch["image"][i, :h, :w], single["image"][0])
+    assert not batch["image"][i, h:].any() and not batch["image"][i, :, w:].any()
+    oh, ow = single["orig_size"][0]
+    np.testing.assert_array_equal(batch["sem_seg"][i, :oh, :ow], single["sem_seg"][0])
+    assert (batch["sem_seg"][i, oh:] == 255).all() and (batch["sem_seg"][i, :, ow:] == 255).all()
+    for key in ("image_size", "orig_size", "index"):
+      np.testing.assert_array_equal(batch[key][i], single[key][0])
+  assert padded["example_valid"].tolist() == [True, False] and padded["index"].tolist() == [2, -1]
+
+
 def test_same_seed_same_batches_other_seed_other_batches():
   a = take(train_pipe(source(10)), 6)
   b = take(train_pipe(source(10)), 6)

@@ -190,14 +190,18 @@ def test_tta_flip_averages_the_mirrored_prediction_and_keeps_the_size(segmenter)
 
 
 def test_batched_evaluation_on_a_common_canvas(segmenter):
-  emb = segmenter.class_embeddings(VOCAB)
+  emb = segmenter.embeddings(VOCAB)
   a, b = _image(64, 96, 1), _image(96, 64, 2)
   images = np.zeros((3, 96, 96, 3), np.uint8)
   images[0, :64, :96], images[1, :96, :64] = a, b
   rng = np.random.default_rng(0)
-  gts = [rng.integers(0, 4, (50, 70)), rng.integers(0, 4, (120, 80)), None]  # third: batch padding
+  gts = [rng.integers(0, 4, (50, 70)), rng.integers(0, 4, (120, 80))]  # the third example: batch padding
   gts[0][:5] = 255
-  labels, conf = segmenter.evaluate_batch(images, np.array([[64, 96], [96, 64], [0, 0]]), gts, emb, 4, 255)
+  sem = np.full((3, 120, 80), 255, np.int32)
+  sem[0, :50, :70], sem[1] = gts
+  batch = {"image": images, "image_size": np.array([[64, 96], [96, 64], [32, 32]]), "sem_seg": sem,
+           "orig_size": np.array([[50, 70], [120, 80], [1, 1]]), "example_valid": np.array([True, True, False])}
+  labels, conf = segmenter.evaluate_batch(batch, emb, 4, 255)
   labels = np.asarray(labels)
   assert labels.shape == (3, 128, 128)  # the output canvas: a multiple of 64 holding both ground truths
   want = sem_seg.confusion_matrix_np(labels[0, :50, :70], gts[0], 4) + \

@@ -141,21 +141,24 @@ def test_nonfinite_loss_leaves_state_unchanged(trained_a_few_steps):
     np.testing.assert_array_equal(r["after"][k], v, err_msg=str(k))
 
 
-SHARDED_SCRIPT = textwrap.dedent("""
+SHARDED_SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
     from san_jax.train import sharding, steps, optim
     from tests.train_utils import model_config, tiny_batch, tiny_config
     assert len(jax.devices()) == 8, jax.devices()
-    def run(shape, devices, deterministic=True):
+    lowered = {}
+    def run(shape, devices, deterministic=True, model=1):
       cfg = tiny_config(deterministic_reductions=deterministic)
-      cfg.mesh.shape.data, cfg.mesh.shape.fsdp = shape
+      cfg.mesh.shape.data, cfg.mesh.shape.fsdp, cfg.mesh.shape.model = shape + (model,)
       mesh = sharding.make_mesh(cfg.mesh.shape.to_dict(), devices)
       tr = steps.Trainer(model_config(cfg), cfg.train, mesh, [tuple(r) for r in cfg.mesh.rules], 3)
       state, frozen = tr.init(jax.random.key(0))
       batch = sharding.global_batch(tiny_batch(batch_size=8), mesh, tr.rules)
       ce = jnp.asarray(np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32))
       step = tr.compile_step({k: v.ndim for k, v in batch.items()})
+      with jax.set_mesh(mesh):
+        lowered[(shape, deterministic, model)] = step.jitted.lower(state, frozen, batch, ce, jax.random.key(1)).as_text()
       for _ in range(3):
         state, m = step(state, frozen, batch, ce, jax.random.key(1))
       return state, frozen
@@ -174,6 +177,21 @@ SHARDED_SCRIPT = textwrap.dedent("""
     err = max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(d[k])))) for k in a)
     print("max param diff, XLA's all-reduces", err)
     assert err <= 1e-5, err
+    # model=2 in XLA's partitioned step: the activations' logical axes put attention heads and MLP hidden
+    # units on the model axis (sharding constraints in the lowered step), and training still matches.
+    e = flat(run((4, 1), jax.devices(), deterministic=False, model=2)[0]["params"])
+    err = max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(e[k])))) for k in a)
+    print("max param diff, model=2", err)
+    assert err <= 1e-5, err
+    import re
+    constraints = lambda key: re.findall(r"sdy.sharding_constraint [^\n]*", lowered[key])
+    on_model = [c for c in constraints(((4, 1), False, 2)) if '{"model"}' in c]
+    heads = [c for c in on_model if re.search(r'\[\{"data"\}, \{\}, \{"model"\}, \{\}\]> : tensor<8x\d+x4x16x', c)]
+    mlp = [c for c in on_model if re.search(r'\[\{"data"\}, \{\}, \{"model"\}\]> : tensor<8x\d+x256x', c)]
+    print("constraints on model", len(on_model), "heads", len(heads), "mlp", len(mlp))
+    assert heads and mlp, constraints(((4, 1), False, 2))[:20]
+    # the deterministic step computes each device's examples whole: no activation constraint at all
+    assert not constraints(((4, 2), True, 1)), constraints(((4, 2), True, 1))[:5]
     def sharded(tree):
       return [p for p, v in flat(tree).items() if "fsdp" in str(v.sharding.spec) and len(v.sharding.device_set) == 8]
     n_params, n_opt, n_frozen = len(sharded(many["params"])), len(sharded(many["opt_state"])), len(sharded(frozen))

@@ -19,7 +19,8 @@ position, so
 Batches are dicts of numpy arrays with fixed shapes (see `train_transform` / `eval_transform` in augment.py):
 training gives image uint8 [B, H, W, 3], sem_seg int32 [B, H, W], image_size int32 [B, 2], labels int32
 [B, K], valid bool [B, K], masks uint8 [B, K, H, W] (unless with_masks=False) and num_dropped int32 [B];
-evaluation gives image, image_size, sem_seg, orig_size. Both add `index` int64 [B] (the source index; -1
+evaluation gives image uint8 [B, H, W, 3] and sem_seg int32 [B, Hl, Wl] on the batch's common canvases (the
+largest of its examples'), with each example's content sizes in image_size and orig_size int32 [B, 2]. Both add `index` int64 [B] (the source index; -1
 in evaluation padding) and `example_valid` bool [B].
 Evaluation reads each host's slice once, in order, and pads the last batch with invalid examples so every
 host yields the same number of batches.
@@ -227,12 +228,32 @@ class _BatchTrain:
     return batch
 
 
+class _BatchEval:
+  """Stacks evaluation elements onto the batch's common canvas: each image (already padded to a multiple of
+  size_divisibility, so the largest is one too) padded with image_pad_value, each original-size label with
+  ignore_label; `image_size` / `orig_size` keep every element's own sizes. With a fixed image_canvas and
+  label_canvas every element already has the batch's shape."""
+
+  def __init__(self, cfg: augment.EvalAugConfig):
+    self.fill = {"image": cfg.image_pad_value, "sem_seg": cfg.ignore_label}
+
+  def __call__(self, elements: Sequence[Dict[str, Any]]) -> Dict[str, np.ndarray]:
+    batch = _stack([{k: v for k, v in e.items() if k not in self.fill} for e in elements])
+    for key, fill in self.fill.items():
+      arrays = [np.asarray(e[key]) for e in elements]
+      shape = tuple(max(a.shape[d] for a in arrays) for d in range(arrays[0].ndim))
+      out = np.full((len(arrays),) + shape, fill, arrays[0].dtype)
+      for i, a in enumerate(arrays):
+        out[(i,) + tuple(slice(0, n) for n in a.shape)] = a
+      batch[key] = out
+    return batch
+
+
 def _stack(elements: Sequence[Dict[str, Any]]) -> Dict[str, np.ndarray]:
   shapes = {k: {np.shape(e[k]) for e in elements} for k in elements[0]}
   ragged = {k: s for k, s in shapes.items() if len(s) > 1}
   if ragged:
-    raise ValueError(f"cannot batch elements of different shapes {ragged}: give eval_aug an image_canvas "
-                     f"and label_canvas, or use batch_size 1")
+    raise ValueError(f"cannot batch elements of different shapes {ragged}")
   return {k: np.stack([e[k] for e in elements]) for k in elements[0]}
 
 
@@ -296,7 +317,7 @@ class DataPipeline:
     padded = list(indices) + [-1] * (total - len(indices))
     ds = grain.MapDataset.source(padded).map(_Load(self.source, self.ignore_label))
     ds = ds.map(_EvalTransform(cfg.eval_aug))
-    return ds.batch(cfg.batch_size, drop_remainder=False, batch_fn=_stack)
+    return ds.batch(cfg.batch_size, drop_remainder=False, batch_fn=_BatchEval(cfg.eval_aug))
 
   def _make_iterator(self):
     cfg = self.config

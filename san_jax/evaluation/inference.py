@@ -7,15 +7,18 @@
 * `predict(image, vocabulary, resize_to=, tta=, sliding=)`: one image with the test resize, optional
   multi-scale + flip test-time augmentation and sliding windows; label map (and probabilities) at the
   image's original size.
-* `evaluate_batch(...)`: a batch of images on a common canvas, label maps and the confusion matrix computed
-  on device; what `san_jax.evaluation.runner.evaluate` drives.
+* `evaluate_batch(batch, ...)`: a batch of the evaluation pipeline (images on a common canvas), label maps
+  and the confusion matrix computed on device; what `san_jax.evaluation.runner.evaluate` drives.
+
+Every path ends in the paper's formula, `san.mask_class_combination`: `segment` and the sliding windows
+through `san.semantic_inference` (static sizes), the others through `san.semantic_probs` (sizes as data).
 
 Static shapes. Everything jitted here sees only *canvas* shapes: images are zero-padded to a canvas (a
 multiple of `canvas_multiple`, 32 by default, the official `size_divisibility`), outputs live on an output
 canvas (a multiple of `output_multiple`). Each image's own sizes enter as data: the official "upsample to
 the padded size, crop to the image, resize to the output size" becomes, after the (static) upsampling to
 the canvas, two small matmuls with per-image crop-and-resize matrices built on the host by
-`san_jax.ops.resize` (the torch-exact weights, zero outside the image), so one compiled program serves
+`resize.crop_resize_matrix` (the torch-exact weights, zero outside the image), so one compiled program serves
 every image whose canvas matches. With one image per batch and `canvas_multiple` = 32 the model sees
 exactly the official padded input; images batched onto a larger common canvas see more zero padding than
 the official batch-of-one evaluation (SAN's attention has no padding mask), a small, documented deviation.
@@ -37,7 +40,7 @@ averaged map is resized to the output size. When one window covers the image thi
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +54,6 @@ from san_jax.evaluation import sem_seg
 from san_jax.models import san as san_lib
 from san_jax.ops import resize
 from san_jax.text.classifier import ClassEmbeddingCache
-
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ---- options ----------------------------------------------------------------------------------------------
@@ -90,27 +91,6 @@ class SlidingWindow:
 
 
 # ---- host-side geometry -----------------------------------------------------------------------------------
-round_up, canvas_for = resize.round_up, resize.padded_size
-
-
-def crop_resize_matrix(in_size: int, out_size: int, in_canvas: int, out_canvas: int,
-                       flip: bool = False) -> np.ndarray:
-  """[out_canvas, in_canvas] float32: rows [0, out_size) hold torch's bilinear weights from the first
-  `in_size` inputs to `out_size` outputs (identity when equal, as torch skips that axis); zero elsewhere.
-  `flip` mirrors the output rows, which un-mirrors a horizontally flipped input (detectron2's TTA flips the
-  final output back)."""
-  if not (0 < in_size <= in_canvas and 0 < out_size <= out_canvas):
-    raise ValueError(f"sizes {in_size}->{out_size} do not fit canvases {in_canvas}->{out_canvas}")
-  m = np.zeros((out_canvas, in_canvas), np.float32)
-  if in_size == out_size:
-    m[np.arange(out_size), np.arange(out_size)] = 1.0
-  else:
-    m[:out_size, :in_size] = resize.interpolation_matrix(in_size, out_size, "bilinear")
-  if flip:
-    m[:out_size] = m[:out_size][::-1]
-  return m
-
-
 def window_grid(h: int, w: int, sliding: SlidingWindow) -> Tuple[List[Tuple[int, int]], Tuple[int, int]]:
   """Top-left corners of the windows over an h x w image and the (common) window size."""
   wh, ww = min(sliding.window, h), min(sliding.window, w)
@@ -118,23 +98,6 @@ def window_grid(h: int, w: int, sliding: SlidingWindow) -> Tuple[List[Tuple[int,
   nx = max(w - ww + sliding.stride - 1, 0) // sliding.stride + 1
   return [(min(i * sliding.stride, h - wh), min(j * sliding.stride, w - ww))
           for i in range(ny) for j in range(nx)], (wh, ww)
-
-
-# ---- device-side pieces (pure functions of arrays with static shapes) ------------------------------------
-def apply_crop_resize(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
-  """[..., H, W] -> [..., Ho, Wo] with the host-built matrices; width first, as torch's kernels."""
-  x = jnp.einsum("...hw,ow->...ho", x, cols.astype(x.dtype), precision=HIGHEST)
-  return jnp.einsum("...hw,oh->...ow", x, rows.astype(x.dtype), precision=HIGHEST)
-
-
-def canvas_probs(mask_logits: jax.Array, mask_preds: jax.Array, padded_hw: Tuple[int, int],
-                 rows: jax.Array, cols: jax.Array) -> jax.Array:
-  """`san.semantic_inference` with the crop and output resize as matrices: [Q, C+1], [Q, h, w] ->
-  [C, Ho, Wo] on the output canvas (zero outside the output size)."""
-  masks = resize.interpolate(mask_preds, size=padded_hw, method="bilinear", axes=(1, 2))
-  masks = apply_crop_resize(masks.astype(jnp.float32), rows, cols)
-  probs = jax.nn.softmax(mask_logits.astype(jnp.float32), axis=-1)[:, :-1]
-  return jnp.einsum("qc,qhw->chw", probs, jax.nn.sigmoid(masks))
 
 
 def _host_local(tree):
@@ -185,6 +148,11 @@ class Segmenter:
     self.graphdef = graphdef
     self.state = jax.device_put(_host_local(state), self._replicated)
 
+  def embeddings(self, vocabulary: Sequence[str]) -> jax.Array:
+    """Class embeddings [C, D] of `vocabulary` (validated, cached per vocabulary), replicated on this
+    Segmenter's devices: the `class_emb` argument of its programs."""
+    return jax.device_put(self.class_embeddings(vocabulary), self._replicated)
+
   # -- the reference single-image path ---------------------------------------------------------------------
   def _forward_impl(self, state, batch, class_emb, image_hw: Tuple[int, int], output_hw: Tuple[int, int]):
     model = nnx.merge(self.graphdef, state)
@@ -223,7 +191,7 @@ class Segmenter:
 
     def one(args):
       lg, pr, r, c = args
-      return jnp.argmax(canvas_probs(lg, pr, padded_hw, r, c), axis=0).astype(jnp.int32)
+      return jnp.argmax(san_lib.semantic_probs(lg, pr, padded_hw, r, c), axis=0).astype(jnp.int32)
 
     split = lambda x: x.reshape((n, b // n) + x.shape[1:])
     labels = jax.vmap(lambda xs: jax.lax.map(one, xs))(tuple(map(split, (logits, preds, rows, cols))))
@@ -238,7 +206,7 @@ class Segmenter:
 
     def add(acc, args):
       lg, pr, r, c = args
-      return acc + canvas_probs(lg, pr, padded_hw, r, c), None
+      return acc + san_lib.semantic_probs(lg, pr, padded_hw, r, c), None
 
     return jax.lax.scan(add, init, (logits, preds, rows, cols))[0]
 
@@ -264,7 +232,7 @@ class Segmenter:
       return (acc, count), None
 
     (acc, count), _ = jax.lax.scan(add, (acc, count), (logits, preds, offsets))
-    return apply_crop_resize(acc / jnp.maximum(count, 1.0), rows, cols)
+    return resize.apply_crop_resize(acc / jnp.maximum(count, 1.0), rows, cols)
 
   def _finish_impl(self, probs_sum, count, gt, num_classes: int, ignore: int):
     probs = probs_sum / count
@@ -282,9 +250,9 @@ class Segmenter:
     """Summed probabilities [C, Ho, Wo] (device) of `image` and its mirrored copies, at out_hw."""
     h, w = image.shape[:2]
     windows = window_grid(h, w, sliding) if sliding is not None else None
-    canvas = canvas_for((h, w), self.canvas_multiple)
-    rows = crop_resize_matrix(h, out_hw[0], canvas[0], out_canvas[0])
-    colss = [crop_resize_matrix(w, out_hw[1], canvas[1], out_canvas[1], flip=f) for f in flips]
+    canvas = resize.padded_size((h, w), self.canvas_multiple)
+    rows = resize.crop_resize_matrix(h, out_hw[0], canvas[0], out_canvas[0])
+    colss = [resize.crop_resize_matrix(w, out_hw[1], canvas[1], out_canvas[1], flip=f) for f in flips]
     variants = [image[:, ::-1] if f else image for f in flips]
     if windows is None or len(windows[0]) == 1:
       batch = np.zeros((len(flips),) + canvas + (3,), np.uint8)
@@ -294,7 +262,7 @@ class Segmenter:
       return self._probs_sum(self.state, self._put(batch), self._put(sizes), self._put(np.stack([rows] * len(flips))),
                              self._put(np.stack(colss)), class_emb)
     offsets, (wh, ww) = windows
-    wcanvas = canvas_for((wh, ww), self.canvas_multiple)
+    wcanvas = resize.padded_size((wh, ww), self.canvas_multiple)
     total = None
     for v, cols in zip(variants, colss):
       crops = np.zeros((len(offsets),) + wcanvas + (3,), np.uint8)
@@ -332,37 +300,38 @@ class Segmenter:
     out_hw = tuple(int(s) for s in (output_hw or rgb.shape[:2]))
     if resize_to is not None and resize_to[0]:
       rgb = resize_image(rgb, shortest_edge_shape(rgb.shape[0], rgb.shape[1], int(resize_to[0]), int(resize_to[1])))
-    emb = jax.device_put(self.class_embeddings(vocabulary), self._replicated)
-    out_canvas = canvas_for(out_hw, self.output_multiple)
+    emb = self.embeddings(vocabulary)
+    out_canvas = resize.padded_size(out_hw, self.output_multiple)
     total, count = self.probs_sum(rgb, emb, out_hw, out_canvas, tta=tta, sliding=sliding)
     probs, labels, _ = self._finish(total, jnp.float32(count), None, 0, 0)
     labels = np.asarray(labels)[:out_hw[0], :out_hw[1]]
     return labels, (np.asarray(probs)[:, :out_hw[0], :out_hw[1]] if return_probs else None)
 
   # -- evaluation ------------------------------------------------------------------------------------------
-  def evaluate_batch(self, images: np.ndarray, image_sizes: np.ndarray, gts: Sequence[Optional[np.ndarray]],
-                     class_emb, num_classes: int, ignore: int):
-    """One batch on a common canvas -> (labels [B, Ho, Wo], confusion matrix), both on device.
+  def evaluate_batch(self, batch: Mapping[str, np.ndarray], class_emb, num_classes: int, ignore: int):
+    """One evaluation batch of the pipeline -> (labels [B, Ho, Wo], confusion matrix), both on device.
 
-    images: uint8 [B, H, W, 3] (content top-left, zero padding), image_sizes [B, 2] (content sizes),
-    gts: each example's original-size ground truth (None for batch padding): the predictions are resized to
-    it and compared on an output canvas large enough for all of them.
+    batch: `image` uint8 [B, H, W, 3] (content top-left, zero padding) with content sizes `image_size`
+    [B, 2], original-size ground truth `sem_seg` [B, Hl, Wl] with sizes `orig_size` [B, 2], and
+    `example_valid` [B] (False: batch padding, counted nowhere). Each prediction is resized to its ground
+    truth's size and compared on an output canvas large enough for all of them.
     """
+    images = np.asarray(batch["image"])
     b, hc, wc = images.shape[:3]
-    shapes = [g.shape for g in gts if g is not None] or [(1, 1)]
-    out_canvas = canvas_for((max(s[0] for s in shapes), max(s[1] for s in shapes)), self.output_multiple)
+    valid = np.asarray(batch["example_valid"], bool)
+    label_sizes = np.asarray(batch["orig_size"], np.int64)
+    largest = label_sizes[valid].max(axis=0) if valid.any() else (1, 1)
+    out_canvas = resize.padded_size(tuple(int(v) for v in largest), self.output_multiple)
     rows = np.zeros((b, out_canvas[0], hc), np.float32)
     cols = np.zeros((b, out_canvas[1], wc), np.float32)
     gt = np.full((b,) + out_canvas, ignore, np.int32)
-    sizes = np.asarray(image_sizes, np.int32).copy()
-    for i, g in enumerate(gts):
-      if g is None:
-        sizes[i] = (hc, wc)  # padding example: any valid size; its zero matrices and ignored gt count nothing
-        continue
-      ih, iw = (int(v) for v in image_sizes[i])
-      rows[i] = crop_resize_matrix(ih, g.shape[0], hc, out_canvas[0])
-      cols[i] = crop_resize_matrix(iw, g.shape[1], wc, out_canvas[1])
-      gt[i, :g.shape[0], :g.shape[1]] = g
+    sizes = np.asarray(batch["image_size"], np.int32).copy()
+    for i in np.flatnonzero(valid):
+      (ih, iw), (oh, ow) = sizes[i], label_sizes[i]
+      rows[i] = resize.crop_resize_matrix(int(ih), int(oh), hc, out_canvas[0])
+      cols[i] = resize.crop_resize_matrix(int(iw), int(ow), wc, out_canvas[1])
+      gt[i, :oh, :ow] = batch["sem_seg"][i, :oh, :ow]
+    sizes[~valid] = (hc, wc)  # padding: any valid size; its zero matrices and ignored gt count nothing
     return self._batch_labels(self.state, self._put(images, True), self._put(sizes, True), self._put(rows, True),
                               self._put(cols, True), class_emb, self._put(gt, True), int(num_classes), int(ignore))
 
@@ -371,7 +340,7 @@ class Segmenter:
     """One (test-resized) image with TTA and/or sliding windows -> (labels, confusion matrix) on device,
     the prediction resized to the ground truth's size."""
     out_hw = gt.shape[:2]
-    out_canvas = canvas_for(out_hw, self.output_multiple)
+    out_canvas = resize.padded_size(out_hw, self.output_multiple)
     gt_canvas = np.full(out_canvas, ignore, np.int32)
     gt_canvas[:out_hw[0], :out_hw[1]] = gt
     total, count = self.probs_sum(image, class_emb, out_hw, out_canvas, tta=tta, sliding=sliding)

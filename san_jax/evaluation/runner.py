@@ -180,35 +180,6 @@ class Progress:
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
-def _groups(pipe, size: int):
-  """Groups of `size` single-example batches of the eval pipeline (the last one may be shorter)."""
-  group = []
-  for batch in pipe:
-    group.append({k: v[0] for k, v in batch.items()})
-    if len(group) == size:
-      yield group
-      group = []
-  if group:
-    yield group
-
-
-def _canvas_batch(group, size: int, multiple: int):
-  """Stacks examples (each on its own canvas) onto one common canvas; pads the batch to `size`."""
-  hc = inference.round_up(max(ex["image"].shape[0] for ex in group), multiple)
-  wc = inference.round_up(max(ex["image"].shape[1] for ex in group), multiple)
-  images = np.zeros((size, hc, wc, 3), np.uint8)
-  sizes = np.zeros((size, 2), np.int32)
-  gts = [None] * size
-  for i, ex in enumerate(group):
-    h, w = ex["image"].shape[:2]
-    images[i, :h, :w] = ex["image"]
-    sizes[i] = ex["image_size"]
-    if bool(ex["example_valid"]):
-      oh, ow = (int(v) for v in ex["orig_size"])
-      gts[i] = ex["sem_seg"][:oh, :ow]
-  return images, sizes, gts
-
-
 class _LaggedSum:
   """Adds device confusion matrices into the evaluator one step late, so the host prepares the next batch
   while the device still computes this one."""
@@ -253,32 +224,29 @@ def evaluate(model_or_segmenter, dataset_name: str, *, options: EvalOptions = Ev
   ignore = int(getattr(source, "ignore_label", sem_seg.IGNORE_LABEL))
   evaluator = sem_seg.SemSegEvaluator(names, ignore, subsets=class_subsets(source, dataset_name, names),
                                       legacy_miou=options.legacy_miou)
-  emb = jax.device_put(seg.class_embeddings(names), seg._replicated)  # pylint: disable=protected-access
+  emb = seg.embeddings(names)
   tta, sliding = options.tta_config(), options.sliding()
   eval_aug = augment.EvalAugConfig(min_size_test=options.min_size, max_size_test=options.max_size,
                                    size_divisibility=seg.canvas_multiple, ignore_label=ignore)
-  pipe = pipeline.make_pipeline(source, mode="eval", batch_size=1, eval_aug=eval_aug, ignore_label=ignore,
-                                num_threads=options.num_threads)
   per_image = tta is not None or sliding is not None
-  group_size = 1 if per_image else max(int(options.batch_size), 1)
-  progress = Progress(dataset_name, len(pipe), log)
+  pipe = pipeline.make_pipeline(source, mode="eval", batch_size=1 if per_image else max(int(options.batch_size), 1),
+                                eval_aug=eval_aug, ignore_label=ignore, num_threads=options.num_threads)
+  mine = pipeline.host_indices(len(source), pipe.config.process_index, pipe.config.process_count, even=False)
+  progress = Progress(dataset_name, len(mine), log)
   sums = _LaggedSum(evaluator)
   with pipe:
-    for group in _groups(pipe, group_size):
-      n_valid = sum(bool(ex["example_valid"]) for ex in group)
+    for batch in pipe:
+      n_valid = int(np.sum(batch["example_valid"]))
       if per_image:
-        ex = group[0]
         if n_valid:
-          h, w = (int(v) for v in ex["image_size"])
-          oh, ow = (int(v) for v in ex["orig_size"])
-          _, conf = seg.evaluate_image(ex["image"][:h, :w], ex["sem_seg"][:oh, :ow], emb, len(names), ignore,
-                                       tta=tta, sliding=sliding)
+          (h, w), (oh, ow) = batch["image_size"][0], batch["orig_size"][0]
+          _, conf = seg.evaluate_image(batch["image"][0, :h, :w], batch["sem_seg"][0, :oh, :ow], emb, len(names),
+                                       ignore, tta=tta, sliding=sliding)
           sums.push(conf, 1)
       else:
-        images, sizes, gts = _canvas_batch(group, group_size, seg.canvas_multiple)
-        _, conf = seg.evaluate_batch(images, sizes, gts, emb, len(names), ignore)
+        _, conf = seg.evaluate_batch(batch, emb, len(names), ignore)
         sums.push(conf, n_valid)
-      progress.update(len(group))
+      progress.update(n_valid)
   sums.flush()
   evaluator.all_reduce()
   results = evaluator.evaluate()

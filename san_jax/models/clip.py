@@ -134,11 +134,10 @@ class MultiheadAttention(nnx.Module):
                                   param_dtype=param_dtype)
 
   def __call__(self, x: jax.Array, attn_bias: Optional[jax.Array] = None) -> jax.Array:
-    b, l, d = x.shape
-    split = lambda t: t.reshape(b, l, self.heads, d // self.heads)
+    split = lambda t: layers.split_heads(t, self.heads)
     out = layers.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), attn_bias,
                            query_chunk=self.query_chunk, impl=self.attention_impl)
-    return self.out_proj(out.reshape(b, l, d))
+    return self.out_proj(out.reshape(x.shape))
 
 
 class Mlp(nnx.Module):
@@ -149,7 +148,7 @@ class Mlp(nnx.Module):
     self.quick_gelu = quick_gelu
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = self.c_fc(x)
+    h = layers.constrain(self.c_fc(x), layers.tokens_axes(x.ndim, "mlp"))
     h = layers.quick_gelu(h) if self.quick_gelu else layers.gelu_exact(h)
     return self.c_proj(h)
 
@@ -166,6 +165,7 @@ class ResidualAttentionBlock(nnx.Module):
     self.mlp = Mlp(width, int(width * mlp_ratio), quick_gelu, **kw)
 
   def __call__(self, x: jax.Array, attn_bias: Optional[jax.Array] = None) -> jax.Array:
+    x = layers.constrain(x, layers.tokens_axes(x.ndim))
     x = x + self.attn(self.ln_1(x), attn_bias)
     return x + self.mlp(self.ln_2(x))
 

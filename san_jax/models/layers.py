@@ -1,14 +1,17 @@
 """Building blocks shared by the CLIP towers, the side ViT and the mask decoder.
 
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `vocab`, ...) as sharding metadata; the
-training issue maps them to mesh axes by config rules. `eager_sharding=False` keeps module construction
-mesh-free (sharding is applied by `jax.jit(init, out_shardings=...)`).
+config's rules map them to mesh axes (`san_jax.train.sharding`). `eager_sharding=False` keeps module
+construction mesh-free (sharding is applied by `jax.jit(init, out_shardings=...)`). Activations are named
+the same way through `constrain` (batch, length, embed, heads, mlp), which places them only while a
+training step traces under `activation_sharding`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +46,49 @@ def layer_norm(features: int, eps: float, *, rngs: nnx.Rngs, dtype=None, param_d
   return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
                        scale_init=with_axes(ones, (axis_name,)), bias_init=with_axes(zeros, (axis_name,)),
                        rngs=rngs)
+
+
+# ---- activation sharding ---------------------------------------------------------------------------------
+# (logical names, shape) -> a Sharding, or None to leave the array unconstrained.
+Resolver = Callable[[Tuple[Optional[str], ...], Tuple[int, ...]], Optional[jax.sharding.Sharding]]
+_RESOLVERS: List[Resolver] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(resolve: Resolver) -> Iterator[None]:
+  """While a function is traced inside this context, `constrain` places activations by `resolve` (the
+  training step resolves the config's logical-axis rules over its mesh). Tracing happens on the calling
+  thread, so a plain stack is enough."""
+  _RESOLVERS.append(resolve)
+  try:
+    yield
+  finally:
+    _RESOLVERS.pop()
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+  """`x` under a sharding constraint from the logical names of its axes (padded with None to x.ndim).
+
+  The identity outside `activation_sharding` (inference, the parity checks, class embeddings) and inside
+  `shard_map` (the deterministic training step computes each device's examples whole, with every mesh
+  axis manual)."""
+  if not _RESOLVERS or jax.sharding.get_abstract_mesh().manual_axes:
+    return x
+  names = tuple(names) + (None,) * (x.ndim - len(names))
+  sharding = _RESOLVERS[-1](names, tuple(x.shape))
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def tokens_axes(ndim: int, last: Optional[str] = "embed") -> Tuple[Optional[str], ...]:
+  """Names of a token stream [B, L, D] ("batch", "length", last) or [B, ..., L, D] (the recognition head's
+  [B, N, Q, D] SOS streams: the middle axes unnamed)."""
+  return ("batch",) + (None,) * (ndim - 3) + ("length", last)
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+  """[..., L, D] -> [..., L, heads, D / heads], constrained as ("batch", ..., "length", "heads", None)."""
+  x = x.reshape(x.shape[:-1] + (heads, x.shape[-1] // heads))
+  return constrain(x, tokens_axes(x.ndim - 1, "heads"))
 
 
 REMAT_MODES = ("none", "full")

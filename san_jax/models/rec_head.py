@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from san_jax.models import clip as clip_lib
+from san_jax.models import layers
 from san_jax.ops import resize
 
 MASKED = -100.0  # the official mask value for "do not attend"
@@ -51,24 +52,21 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: Tuple[int, int]) -> jax.Array
   return jnp.einsum("...hw,ih,jw->...ij", x, mh, mw, precision=jax.lax.Precision.HIGHEST)
 
 
-def _split_heads(x: jax.Array, heads: int) -> jax.Array:
-  return x.reshape(x.shape[:-1] + (heads, x.shape[-1] // heads))
-
-
 def _rec_block(block: clip_lib.ResidualAttentionBlock, ctx: jax.Array, sos: jax.Array, bias: jax.Array,
                update_ctx: bool) -> Tuple[jax.Array, jax.Array]:
   """One CLIP block on the shared [CLS; patches] stream `ctx` [B, 1+L, D] and the SOS streams
   `sos` [B, N, Q, D] (N bias sets), SOS rows biased by `bias` [B, N, heads, Q, L]."""
   attn = block.attn
   heads = attn.heads
+  ctx, sos = (layers.constrain(t, layers.tokens_axes(t.ndim)) for t in (ctx, sos))
   h_ctx = block.ln_1(ctx)
-  k_ctx = _split_heads(attn.k_proj(h_ctx), heads)  # [B, 1+L, H, dh]
-  v_ctx = _split_heads(attn.v_proj(h_ctx), heads)
+  k_ctx = layers.split_heads(attn.k_proj(h_ctx), heads)  # [B, 1+L, H, dh]
+  v_ctx = layers.split_heads(attn.v_proj(h_ctx), heads)
   h_sos = block.ln_1(sos)
   head_dim = k_ctx.shape[-1]
-  q_sos = _split_heads(attn.q_proj(h_sos), heads) * jnp.asarray(head_dim ** -0.5, sos.dtype)  # [B,N,Q,H,dh]
-  k_sos = _split_heads(attn.k_proj(h_sos), heads)
-  v_sos = _split_heads(attn.v_proj(h_sos), heads)
+  q_sos = layers.split_heads(attn.q_proj(h_sos), heads) * jnp.asarray(head_dim ** -0.5, sos.dtype)  # [B,N,Q,H,dh]
+  k_sos = layers.split_heads(attn.k_proj(h_sos), heads)
+  v_sos = layers.split_heads(attn.v_proj(h_sos), heads)
 
   f32 = jnp.float32
   n_q = sos.shape[2]
@@ -83,8 +81,8 @@ def _rec_block(block: clip_lib.ResidualAttentionBlock, ctx: jax.Array, sos: jax.
   sos = sos + block.mlp(block.ln_2(sos))
 
   if update_ctx:  # the plain CLIP block, reusing k/v
-    q_ctx = _split_heads(attn.q_proj(h_ctx), heads)
-    ctx_out = clip_lib.layers.attention(q_ctx, k_ctx, v_ctx, query_chunk=attn.query_chunk, impl=attn.attention_impl)
+    q_ctx = layers.split_heads(attn.q_proj(h_ctx), heads)
+    ctx_out = layers.attention(q_ctx, k_ctx, v_ctx, query_chunk=attn.query_chunk, impl=attn.attention_impl)
     ctx = ctx + attn.out_proj(ctx_out.reshape(ctx.shape))
     ctx = ctx + block.mlp(block.ln_2(ctx))
   return ctx, sos
@@ -118,7 +116,7 @@ def recognize(visual: clip_lib.VisionTransformer, tokens: jax.Array, grid_hw: Tu
   for r in range(n_rec):
     layer_bias = flat[:, :, r if n_layers > 1 else 0]
     update_ctx = r < n_rec - 1
-    block = clip_lib.layers.rematerialized(
+    block = layers.rematerialized(
         lambda blk, c, s, bb, update_ctx=update_ctx: _rec_block(blk, c, s, bb, update_ctx),
         blocks[start_block + r], visual.transformer.remat)
     ctx, sos = block(ctx, sos, layer_bias)

@@ -224,11 +224,25 @@ def clip_input(images: jax.Array, cfg: SANConfig) -> jax.Array:
   return resize.interpolate(images, scale_factor=cfg.clip_resolution, method="bilinear", axes=(1, 2))
 
 
+def mask_class_combination(mask_logits: jax.Array, masks: jax.Array, query_axis: int = 0) -> jax.Array:
+  """The paper's per-class probabilities, in one place: sum over queries q of softmax(class logits)[q, c]
+  (the no-object column dropped after the softmax) x sigmoid(mask logits)[q, ...].
+
+  mask_logits [Q, C+1]; masks: mask logits already at the output resolution, queries on `query_axis` (0:
+  [Q, H, W] -> [C, H, W]; -1: [H, W, Q] -> [H, W, C], one plain [H*W, Q] x [Q, C] matmul).
+  """
+  probs = jax.nn.softmax(mask_logits.astype(jnp.float32), axis=-1)[:, :-1]
+  masks = jax.nn.sigmoid(masks.astype(jnp.float32))
+  if query_axis == 0:
+    return jnp.einsum("qc,q...->c...", probs, masks)
+  return masks @ probs
+
+
 def semantic_inference(mask_logits: jax.Array, mask_preds: jax.Array, padded_hw: Tuple[int, int],
                        image_hw: Tuple[int, int], output_hw: Tuple[int, int], layout: str = "chw") -> jax.Array:
   """One image's per-class probabilities (official order, POSTPROCESS_BEFORE_INFERENCE): mask logits
-  upsampled to the padded size, cropped to the image, resized to the output size, then sigmoid(masks)
-  combined with softmax(class logits) minus the no-object column.
+  upsampled to the padded size, cropped to the image, resized to the output size, then
+  `mask_class_combination`. The sizes are static (one program per size); `semantic_probs` takes them as data.
 
   mask_logits [Q, C+1], mask_preds [Q, h, w] (logits). Returns [C, H, W] (layout "chw", the official
   layout) or [H, W, C] ("hwc": the masks are resized with queries last so the combination is one plain
@@ -236,7 +250,6 @@ def semantic_inference(mask_logits: jax.Array, mask_preds: jax.Array, padded_hw:
   """
   if layout not in ("chw", "hwc"):
     raise ValueError(f"layout must be 'chw' or 'hwc', got {layout!r}")
-  probs = jax.nn.softmax(mask_logits.astype(jnp.float32), axis=-1)[:, :-1]
   if layout == "hwc":
     masks = mask_preds.transpose(1, 2, 0)  # [h, w, Q]: small, cheap to transpose here
     axes = (0, 1)
@@ -244,7 +257,15 @@ def semantic_inference(mask_logits: jax.Array, mask_preds: jax.Array, padded_hw:
     masks, axes = mask_preds, (1, 2)
   masks = resize.interpolate(masks, size=padded_hw, method="bilinear", axes=axes)
   masks = masks[:image_hw[0], :image_hw[1]] if layout == "hwc" else masks[:, :image_hw[0], :image_hw[1]]
-  masks = jax.nn.sigmoid(resize.interpolate(masks, size=output_hw, method="bilinear", axes=axes).astype(jnp.float32))
-  if layout == "hwc":
-    return masks @ probs
-  return jnp.einsum("qc,qhw->chw", probs, masks)
+  masks = resize.interpolate(masks, size=output_hw, method="bilinear", axes=axes)
+  return mask_class_combination(mask_logits, masks, query_axis=-1 if layout == "hwc" else 0)
+
+
+def semantic_probs(mask_logits: jax.Array, mask_preds: jax.Array, padded_hw: Tuple[int, int],
+                   rows: jax.Array, cols: jax.Array) -> jax.Array:
+  """`semantic_inference` with the image's sizes as data: the crop and the output resize are the
+  `resize.crop_resize_matrix` rows [Ho, H] and cols [Wo, W] of padded_hw (H, W), so one compiled program
+  serves every image on that canvas. [Q, C+1], [Q, h, w] -> [C, Ho, Wo]; outside the output size the mask
+  logits are 0 (the values there mean nothing: crop them)."""
+  masks = resize.interpolate(mask_preds, size=padded_hw, method="bilinear", axes=(1, 2))
+  return mask_class_combination(mask_logits, resize.apply_crop_resize(masks.astype(jnp.float32), rows, cols))

@@ -87,7 +87,8 @@ class Attention(nnx.Module):
 
   def __call__(self, x):
     b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
+    qkv = layers.constrain(self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads),
+                           ("batch", "length", None, "heads"))
     out = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], query_chunk=self.query_chunk,
                            impl=self.attention_impl)
     return self.proj(out.reshape(b, n, d))
@@ -99,7 +100,7 @@ class Mlp(nnx.Module):
     self.fc2 = layers.linear(hidden, width, ("mlp", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x):
-    return self.fc2(layers.gelu_exact(self.fc1(x)))
+    return self.fc2(layers.gelu_exact(layers.constrain(self.fc1(x), layers.tokens_axes(x.ndim, "mlp"))))
 
 
 class Block(nnx.Module):
@@ -112,6 +113,7 @@ class Block(nnx.Module):
     self.mlp = Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), **kw)
 
   def __call__(self, x):
+    x = layers.constrain(x, layers.tokens_axes(x.ndim))
     x = x + self.attn(self.norm1(x))
     return x + self.mlp(self.norm2(x))
 

@@ -165,6 +165,33 @@ def interpolate(x: jax.Array, size: Optional[Sequence[int]] = None, *,
   return x
 
 
+def crop_resize_matrix(in_size: int, out_size: int, in_canvas: int, out_canvas: int,
+                       flip: bool = False) -> np.ndarray:
+  """[out_canvas, in_canvas] float32: rows [0, out_size) hold torch's bilinear weights from the first
+  `in_size` inputs to `out_size` outputs (identity when equal, as torch skips that axis); zero elsewhere.
+
+  "Crop to the content, then resize" as one matrix, so a program compiled for a canvas serves every content
+  size (the sizes become data). `flip` mirrors the output rows, which un-mirrors a horizontally flipped
+  input (detectron2's TTA flips the final output back)."""
+  if not (0 < in_size <= in_canvas and 0 < out_size <= out_canvas):
+    raise ValueError(f"sizes {in_size}->{out_size} do not fit canvases {in_canvas}->{out_canvas}")
+  m = np.zeros((out_canvas, in_canvas), np.float32)
+  if in_size == out_size:
+    m[np.arange(out_size), np.arange(out_size)] = 1.0
+  else:
+    m[:out_size, :in_size] = interpolation_matrix(in_size, out_size, "bilinear")
+  if flip:
+    m[:out_size] = m[:out_size][::-1]
+  return m
+
+
+def apply_crop_resize(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+  """[..., H, W] -> [..., Ho, Wo] with `crop_resize_matrix` rows [Ho, H] and cols [Wo, W] (arrays: they may
+  differ per image); width first, as torch's kernels."""
+  x = jnp.einsum("...hw,ow->...ho", x, cols.astype(x.dtype), precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("...hw,oh->...ow", x, rows.astype(x.dtype), precision=jax.lax.Precision.HIGHEST)
+
+
 def adaptive_windows(in_size: int, out_size: int):
   """torch's adaptive pooling windows [lo, hi) of output cells 0..out_size-1 (overlapping where the sizes
   do not divide)."""

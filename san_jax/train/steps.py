@@ -15,8 +15,10 @@ Two ways to add the devices' contributions (config `train.deterministic_reductio
     with their shardings (fsdp shards in checkpoints and between steps) but are gathered for the step, so
     fsdp saves no step memory in this mode; the batch must split over all devices.
   * False: one global program; XLA's all-reduces (or reduce-scatters under fsdp) add the gradients in the
-    order the collective library picks, fsdp keeps parameters sharded through the step, and the criterion's
-    matching and top-k run per batch shard (`batch_axes`).
+    order the collective library picks, fsdp keeps parameters sharded through the step, the activations'
+    logical axes (`layers.constrain`: batch, length, embed, heads, mlp) place them by the config's rules
+    (so a `model` axis > 1 splits attention heads and MLP hidden units, not only the parameters), and the
+    criterion's matching and top-k run per batch shard (`batch_axes`).
 
 A step whose loss or gradient norm is not finite leaves the state unchanged (params, optimizer) and
 records itself in `nonfinite`/`last_nonfinite_step`; the loop then stops or goes on (config
@@ -32,10 +34,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from san_jax.losses import criterion as criterion_lib
 from san_jax.ops import reduce as reduce_lib
+from san_jax.models import layers
 from san_jax.models import params as params_lib
 from san_jax.models import san as san_lib
 from san_jax.train import optim, sharding
@@ -167,11 +170,17 @@ class Trainer:
                "finite": finite}
     return new_state, metrics
 
+  def activation_sharding(self, names, shape) -> NamedSharding:
+    """An activation's sharding from its logical axis names (`layers.constrain`), by the config's rules."""
+    return NamedSharding(self.mesh, sharding.logical_to_mesh(names, shape, self.mesh, self.rules))
+
   def step_fn(self, state, frozen, batch, class_embeddings, rng):
     draws = self.draws(rng, state["step"], batch["labels"])
     if not self.deterministic or not self.split_axes:  # one device: nothing to add across devices
-      (loss, losses), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
-          state["params"], frozen, batch, class_embeddings, draws)
+      # XLA partitions this program: the activations' logical axes place them by the config's rules.
+      with layers.activation_sharding(self.activation_sharding):
+        (loss, losses), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+            state["params"], frozen, batch, class_embeddings, draws)
       return self._apply(state, loss, losses, grads)
 
     axes, ways = self.split_axes, self.mesh.devices.size
