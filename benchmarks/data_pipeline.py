@@ -1,9 +1,9 @@
 """Input-pipeline throughput: batches/s on the synthetic shapes set at 640x640 with SAN's full training
 augmentation (random short side 320..960, 640x640 crop, SSD colour, flip, padding, 64 target masks).
 
-  python benchmarks/data_pipeline.py                       # ArrayRecord shapes set built into a temp dir
-  python benchmarks/data_pipeline.py --source memory       # rendered on the fly (adds rendering cost)
-  python benchmarks/data_pipeline.py --num_workers 2 --num_threads 1
+  python -m benchmarks.data_pipeline                       # ArrayRecord shapes set built into a temp dir
+  python -m benchmarks.data_pipeline --source memory       # rendered on the fly (adds rendering cost)
+  python -m benchmarks.data_pipeline --num_workers 2 --num_threads 1
 
 Prints one JSON line with the settings, batches/s and images/s over --batches batches after --warmup
 batches, and the CPU seconds spent per batch (this process and its threads; with --num_workers the workers'
@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from san_jax import cli  # noqa: E402  pylint: disable=g-import-not-at-top
-from san_jax.data import augment, pipeline, shapes  # noqa: E402  pylint: disable=g-import-not-at-top
+from san_jax import cli
+from san_jax.data import augment, pipeline, shapes
 
 FLAG_NAMES = ("source", "size", "num_examples", "batch_size", "batches", "warmup", "num_threads", "num_workers",
               "prefetch", "max_targets", "no_masks")
@@ -83,7 +79,7 @@ def _main(args: flags.FlagValues, positional: List[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  return cli.run(_define_flags, _main, argv, prog="benchmarks/data_pipeline.py")
+  return cli.run(_define_flags, _main, argv, prog="benchmarks.data_pipeline")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Every checkpoint san-jax writes is an orbax composite checkpoint directory, written atomically (orbax
 saves into a temporary directory and renames it on commit), holding named items. A parameters checkpoint
 (`save_params`) holds two: `params`, the parameter tree, and `config`, a JSON dict describing the model
-that owns them (a converted CLIP's CLIPConfig, for instance). The train-state checkpoints of a run (a
-`CheckpointManager` of steps) will live here too, reusing the same tree encoding.
+that owns them (a converted CLIP's CLIPConfig, for instance). The train-state checkpoints of a run
+(`TrainCheckpoints`, an orbax CheckpointManager of steps) live here too.
 
 Parameters are handled as flat dicts {path tuple: array}, the paths NNX uses (`("visual", "transformer",
 "resblocks", 0, "attn", "q_proj", "kernel")`). On disk they are a nested dict keyed by strings (orbax's
@@ -108,8 +108,8 @@ def _unnest(tree: Mapping[str, Any]) -> FlatParams:
 
 # ---- parameters checkpoints ---------------------------------------------------------------------------
 def _checkpointer() -> ocp.Checkpointer:
-  # Synchronous: a params checkpoint is written once (conversion, export); train state will use the
-  # manager's async saving.
+  # Synchronous: a params checkpoint is written once (conversion, export); TrainCheckpoints saves the
+  # train state asynchronously.
   return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 

@@ -362,7 +362,12 @@ def frozen_init_params(cfg) -> Optional[Dict]:
   if not cfg.train.get("init_from"):
     return None
   from san_jax.train import loop  # pylint: disable=g-import-not-at-top
-  return loop.load_init_params(cfg.train.init_from)
+  try:
+    return loop.load_init_params(cfg.train.init_from)
+  except FileNotFoundError as e:
+    raise PretrainedError(
+        f"the run's frozen weights, train.init_from={cfg.train.init_from!r}: {e} (a relative path is read from "
+        f"the current directory, as training read it: run from the directory the training ran in)") from None
 
 
 def seeded_params(model_cfg, seed: int) -> Dict:

@@ -45,7 +45,7 @@ ENTRY_POINTS: Dict[Tuple[str, ...], List[str]] = {
     ("-m", "benchmarks.san_inference"): ["models", "dtypes", "size", "classes", "runs", "out"],
     ("-m", "benchmarks.train_step"): ["model", "batch_sizes", "dtype", "runs", "out"],
     ("-m", "benchmarks.gpu"): ["models", "batch_sizes", "runs", "warmup", "attention", "remat", "smoke", "out"],
-    ("benchmarks/data_pipeline.py",): ["source", "size", "num_examples", "batch_size", "batches", "num_workers"],
+    ("-m", "benchmarks.data_pipeline"): ["source", "size", "num_examples", "batch_size", "batches", "num_workers"],
 }
 UNKNOWN = "--no_such_flag_anywhere=1"
 REFUSERS = [("predict.py",), ("train.py",), ("-m", "convert.export_params"), ("-m", "san_jax.launch")]
@@ -53,7 +53,7 @@ TOOL_MODULES = ["train", "eval", "predict", "app", "serve_export", "convert.chec
                 "convert.san_checkpoint", "convert.export_params", "san_jax.export", "san_jax.launch",
                 "san_jax.data.build", "benchmarks", "benchmarks.components", "benchmarks.clip_forward",
                 "benchmarks.matching", "benchmarks.memory", "benchmarks.san_inference", "benchmarks.train_step",
-                "benchmarks.gpu"]
+                "benchmarks.gpu", "benchmarks.data_pipeline"]
 TOOL_FLAGS = sorted({n for p, ns in ENTRY_POINTS.items() if p != ("demo.py",) for n in ns})  # demo's: at import
 IMPORT_ALL = (f"import importlib\nfrom absl import flags\nfor m in {TOOL_MODULES!r}:\n  importlib.import_module(m)\n"
               f"print(sorted(set({TOOL_FLAGS!r}) & set(flags.FLAGS)))\n")

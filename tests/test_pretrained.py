@@ -112,6 +112,20 @@ def test_a_damaged_latest_step_falls_back_to_the_one_before_and_is_kept(tiny_run
     pretrained.load(str(run), step=2)
 
 
+@pytest.mark.slow
+def test_a_run_whose_frozen_weights_are_missing_names_init_from(tiny_run, tmp_path):
+  import json
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(tiny_run, run)
+  cfg = json.loads((run / "config.json").read_text())
+  cfg["train"]["init_from"] = "runs/no_such/clip"  # relative: read from the current directory
+  (run / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(pretrained.PretrainedError, match=r"train.init_from='runs/no_such/clip': no checkpoint "
+                                                       r"directory at .*runs/no_such/clip \(a relative path"):
+    pretrained.load(str(run))
+
+
 def test_geometry_inferred_from_keys_is_the_official_one_for_both_real_checkpoints():
   """The official configs are the reference; the key layout comes from the manifests of the real files."""
   from convert import san_checkpoint as sc

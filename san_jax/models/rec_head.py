@@ -74,7 +74,7 @@ def _rec_block(block: clip_lib.ResidualAttentionBlock, ctx: jax.Array, sos: jax.
   logits_sos = logits_sos + jnp.where(jnp.eye(n_q, dtype=bool), 0.0, MASKED).astype(f32)
   logits_ctx = jnp.einsum("bnqhd,bkhd->bnhqk", q_sos, k_ctx, preferred_element_type=f32)
   logits_ctx = jnp.concatenate([logits_ctx[..., :1] + MASKED, logits_ctx[..., 1:] + bias.astype(f32)], axis=-1)
-  weights = jax.nn.softmax(jnp.concatenate([logits_sos, logits_ctx], axis=-1), axis=-1).astype(sos.dtype)
+  weights = layers.softmax(jnp.concatenate([logits_sos, logits_ctx], axis=-1)).astype(sos.dtype)
   out = (jnp.einsum("bnhqk,bnkhd->bnqhd", weights[..., :n_q], v_sos)
          + jnp.einsum("bnhqk,bkhd->bnqhd", weights[..., n_q:], v_ctx))
   sos = sos + attn.out_proj(out.reshape(sos.shape))
