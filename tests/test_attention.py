@@ -119,3 +119,24 @@ def test_cudnn_matches_exact_path_in_bfloat16_on_gpu(head_dim):
   exact = layers.attention(q, k, v, query_chunk=256, impl="exact").astype(jnp.float32)
   got = auto(q, k, v).astype(jnp.float32)
   assert float(jnp.max(jnp.abs(got - exact))) <= 2 * 2 ** -7 * float(jnp.max(jnp.abs(exact)))
+
+
+def test_softmax_is_jax_nn_forward_and_its_gradient_within_the_dot_rounding_bound():
+  """layers.softmax: jax.nn.softmax's forward, bit for bit; its backward y * (g - sum_k g_k y_k) with the
+  row sum taken as a dot. Checked against the float64 formula with the rounding bound of a float32 dot of
+  n terms (gamma_n * sum |g_k y_k|, gamma_n = n u / (1 - n u)) plus a few ulps of the final products."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(3 * rng.normal(size=(2, 3, 40, 1700)).astype(np.float32))
+  g = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  y, vjp = jax.vjp(layers.softmax, x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.nn.softmax(x, axis=-1)))
+  got = np.asarray(jax.jit(vjp)(g)[0], np.float64)
+  y64, g64 = np.asarray(y, np.float64), np.asarray(g, np.float64)
+  dot = np.sum(g64 * y64, axis=-1, keepdims=True)
+  want = y64 * (g64 - dot)
+  u, n = 2.0 ** -24, x.shape[-1]
+  gamma = n * u / (1 - n * u)
+  bound = y64 * (gamma * np.sum(np.abs(g64 * y64), axis=-1, keepdims=True) + 4 * u * np.abs(g64 - dot)) + 1e-45
+  assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) / bound))
+  # and a wrong backward (the row sum dropped) is far outside it
+  assert not np.all(np.abs(y64 * g64 - want) <= bound)
