@@ -14,6 +14,7 @@ import ml_collections
 
 from san_jax.data.augment import MIN_SIZE_TRAIN
 from san_jax.evaluation.inference import SAN_TTA_SCALES
+from san_jax.models import san as san_lib
 
 # Parameters SAN trains; everything else (CLIP image and text towers) is frozen. Regexes over
 # dotted parameter paths (e.g. "side_adapter_network.vit_model.blocks.0.attn.qkv.kernel").
@@ -23,15 +24,23 @@ NO_DECAY_PATTERNS = (r"pos_embed", r"positional_embedding", r"query_embed", r"(^
                      r"input_proj\.0\.")
 
 
+# The config's model keys; their values are `san.SANConfig`'s defaults, the official ViT-B/16 geometry,
+# defined there once.
+_MODEL_KEYS = ("clip_resolution", "feature_last_layer_idx", "size_divisibility", "rec_downsample_method",
+               "sos_token_format", "template_set")
+_SIDE_KEYS = ("image_size", "patch_size", "width", "depth", "heads", "mlp_ratio", "num_queries",
+              "deep_supervision_idxs", "attn_bias_heads", "attn_bias_layers", "attn_bias_embed", "attn_bias_mlp",
+              "attn_bias_mlp_layers", "rescale_attn_bias")
+
+
 def model_b16() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      clip="ViT-B/16", clip_resolution=0.5, feature_last_layer_idx=9, size_divisibility=32,
-      rec_downsample_method="max", sos_token_format="cls_token", template_set="vild",
-      side=dict(image_size=640, patch_size=16, width=240, depth=8, heads=6, mlp_ratio=4.0, num_queries=100,
-                fusion_map=["0->0", "3->1", "6->2", "9->3"], deep_supervision_idxs=[7, 8],
-                attn_bias_heads=12, attn_bias_layers=1, attn_bias_embed=256, attn_bias_mlp=256,
-                attn_bias_mlp_layers=3, rescale_attn_bias=True),
-  ))
+  """SAN ViT-B/16 in config notation: the CLIP by name, the fusion map as "clip_layer->side_block"."""
+  cfg = san_lib.SANConfig()
+  side = {k: getattr(cfg.side, k) for k in _SIDE_KEYS}
+  side.update(deep_supervision_idxs=list(cfg.side.deep_supervision_idxs),
+              fusion_map=[f"{a}->{b}" for a, b in cfg.side.fusion_map])
+  model = {k: getattr(cfg, k) for k in _MODEL_KEYS}
+  return ml_collections.ConfigDict(dict(clip=san_lib.DEFAULT_CLIP, **model, side=side))
 
 
 def model_l14() -> ml_collections.ConfigDict:

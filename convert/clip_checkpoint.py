@@ -30,14 +30,13 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from absl import flags
 
-from convert.mapping import (ConversionError, clip_resblock, Entry, conv_kernel, fused_qkv_bias, fused_qkv_kernel, layer_norm,
+from convert.mapping import (ConversionError, clip_resblock, Entry, KeyPath, conv_kernel, fused_qkv_bias, fused_qkv_kernel, layer_norm,
                              linear, linear_kernel, nnx_to_torch, same, torch_to_nnx)
 from san_jax import cli
 from san_jax.models import clip as clip_lib
 from san_jax.models.clip import CLIP_LN_EPS, CLIPConfig, TextConfig, VisionConfig
 
 StateDict = Dict[str, np.ndarray]
-Path = Tuple
 
 FORMATS = ("open_clip", "hf")
 HEAD_WIDTH = 64  # OpenAI's CLIPs use 64-wide attention heads in both towers
@@ -261,7 +260,7 @@ def infer_hf_config(sd: Mapping[str, np.ndarray], hf_config: Optional[Mapping] =
   return CLIPConfig(vision=vision, text=text, quick_gelu=True if v_qg is None else v_qg)
 
 
-def model_shapes(cfg: CLIPConfig) -> Dict[Path, Tuple[int, ...]]:
+def model_shapes(cfg: CLIPConfig) -> Dict[KeyPath, Tuple[int, ...]]:
   """Every parameter leaf of CLIP(cfg) and its shape, without allocating the parameters."""
   from flax import nnx
   from san_jax.models.clip import CLIP
@@ -295,7 +294,7 @@ def open_clip_table(cfg: CLIPConfig) -> List[Entry]:
   return table
 
 
-def _hf_block(prefix: str, path: Path) -> List[Entry]:
+def _hf_block(prefix: str, path: KeyPath) -> List[Entry]:
   attn = path + ("attn",)
   return [*layer_norm(f"{prefix}.layer_norm1", path + ("ln_1",)),
           *[e for n in ("q_proj", "k_proj", "v_proj", "out_proj") for e in linear(f"{prefix}.self_attn.{n}", attn + (n,))],
@@ -362,7 +361,7 @@ def _check_position_ids(sd: Mapping[str, np.ndarray], cfg: CLIPConfig) -> List[s
 
 # ---- conversions ---------------------------------------------------------------------------------------
 def open_clip_to_nnx(sd: Mapping[str, np.ndarray], cfg: Optional[CLIPConfig] = None,
-                     **infer_kwargs) -> Tuple[Dict[Path, np.ndarray], CLIPConfig]:
+                     **infer_kwargs) -> Tuple[Dict[KeyPath, np.ndarray], CLIPConfig]:
   """open_clip/OpenAI state dict (numpy) -> (flat CLIP params, config). `cfg` defaults to the inferred one."""
   check_architecture(sd)
   cfg = cfg or infer_open_clip_config(sd, **infer_kwargs)
@@ -371,13 +370,13 @@ def open_clip_to_nnx(sd: Mapping[str, np.ndarray], cfg: Optional[CLIPConfig] = N
   return flat, cfg
 
 
-def nnx_to_open_clip(flat: Mapping[Path, np.ndarray], cfg: CLIPConfig) -> StateDict:
+def nnx_to_open_clip(flat: Mapping[KeyPath, np.ndarray], cfg: CLIPConfig) -> StateDict:
   """Flat CLIP params -> open_clip state dict (numpy), loadable by open_clip's CLIP.load_state_dict."""
   return nnx_to_torch(flat, open_clip_table(cfg), what="CLIP parameters")
 
 
 def hf_to_nnx(sd: Mapping[str, np.ndarray], cfg: Optional[CLIPConfig] = None,
-              hf_config: Optional[Mapping] = None) -> Tuple[Dict[Path, np.ndarray], CLIPConfig]:
+              hf_config: Optional[Mapping] = None) -> Tuple[Dict[KeyPath, np.ndarray], CLIPConfig]:
   """Hugging Face CLIPModel state dict (numpy) -> (flat CLIP params, config)."""
   check_architecture(sd)
   cfg = cfg or infer_hf_config(sd, hf_config)
@@ -386,7 +385,7 @@ def hf_to_nnx(sd: Mapping[str, np.ndarray], cfg: Optional[CLIPConfig] = None,
   return flat, cfg
 
 
-def nnx_to_hf(flat: Mapping[Path, np.ndarray], cfg: CLIPConfig, *, position_ids: bool = False) -> StateDict:
+def nnx_to_hf(flat: Mapping[KeyPath, np.ndarray], cfg: CLIPConfig, *, position_ids: bool = False) -> StateDict:
   """Flat CLIP params -> Hugging Face CLIPModel state dict; `position_ids` adds the (legacy) buffers."""
   sd = nnx_to_torch(flat, hf_table(cfg), what="CLIP parameters")
   if position_ids:
@@ -415,7 +414,7 @@ def hf_config_dict(cfg: CLIPConfig) -> dict:
 
 
 def convert_state_dict(sd: Mapping[str, np.ndarray], fmt: str = "auto", *, hf_config: Optional[Mapping] = None,
-                       quick_gelu: Optional[bool] = None) -> Tuple[Dict[Path, np.ndarray], CLIPConfig, str]:
+                       quick_gelu: Optional[bool] = None) -> Tuple[Dict[KeyPath, np.ndarray], CLIPConfig, str]:
   """Any supported state dict -> (flat params, config, format used)."""
   if fmt == "auto":
     fmt = detect_format(sd)
@@ -431,7 +430,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], fmt: str = "auto", *, hf_co
 
 
 def load_clip_checkpoint(path: str | os.PathLike, fmt: str = "auto", *, quick_gelu: Optional[bool] = None
-                         ) -> Tuple[Dict[Path, np.ndarray], CLIPConfig, str]:
+                         ) -> Tuple[Dict[KeyPath, np.ndarray], CLIPConfig, str]:
   """Reads and converts a checkpoint file (or HF directory): (flat params, config, format)."""
   sd, info = read_checkpoint(path)
   return convert_state_dict(sd, fmt, hf_config=info["hf_config"], quick_gelu=quick_gelu)

@@ -12,7 +12,8 @@ from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-Path = Tuple  # an NNX flat-state path, e.g. ("visual", "transformer", "resblocks", 0, "ln_1", "scale")
+from san_jax.checkpoint import KeyPath  # an NNX flat-state path, e.g. ("visual", "transformer", 0, "ln_1", "scale")
+
 Arrays = List[np.ndarray]
 
 
@@ -25,7 +26,7 @@ class Entry:
   """torch keys <-> NNX paths. `to_nnx` maps the torch arrays (in key order) to the NNX arrays (in path
   order); `to_torch` is its inverse."""
   torch_keys: Tuple[str, ...]
-  nnx_paths: Tuple[Path, ...]
+  nnx_paths: Tuple[KeyPath, ...]
   to_nnx: Callable[[Arrays], Arrays]
   to_torch: Callable[[Arrays], Arrays]
 
@@ -63,50 +64,50 @@ def _cat3_t(xs):
   return [np.concatenate([w.T for w in xs], axis=0)]
 
 
-def same(key: str, path: Path) -> Entry:
+def same(key: str, path: KeyPath) -> Entry:
   """A tensor stored identically (embeddings, LayerNorm weight -> scale, biases)."""
   return Entry((key,), (path,), _same, _same)
 
 
-def linear_kernel(key: str, path: Path) -> Entry:
+def linear_kernel(key: str, path: KeyPath) -> Entry:
   """torch Linear weight [out, in] <-> Dense kernel [in, out]."""
   return Entry((key,), (path,), _t, _t)
 
 
-def conv_kernel(key: str, path: Path) -> Entry:
+def conv_kernel(key: str, path: KeyPath) -> Entry:
   """torch Conv2d weight OIHW <-> NNX Conv kernel HWIO."""
   return Entry((key,), (path,), _oihw_to_hwio, _hwio_to_oihw)
 
 
-def fused_qkv_kernel(key: str, paths: Sequence[Path]) -> Entry:
+def fused_qkv_kernel(key: str, paths: Sequence[KeyPath]) -> Entry:
   """torch's fused in_proj_weight [3D, D] <-> q/k/v Dense kernels [D, D]."""
   return Entry((key,), tuple(paths), _split3_t, _cat3_t)
 
 
-def fused_qkv_bias(key: str, paths: Sequence[Path]) -> Entry:
+def fused_qkv_bias(key: str, paths: Sequence[KeyPath]) -> Entry:
   return Entry((key,), tuple(paths), _split3, _cat3)
 
 
-def linear(prefix: str, path: Path, bias: bool = True) -> List[Entry]:
+def linear(prefix: str, path: KeyPath, bias: bool = True) -> List[Entry]:
   out = [linear_kernel(f"{prefix}.weight", path + ("kernel",))]
   if bias:
     out.append(same(f"{prefix}.bias", path + ("bias",)))
   return out
 
 
-def conv(prefix: str, path: Path, bias: bool = True) -> List[Entry]:
+def conv(prefix: str, path: KeyPath, bias: bool = True) -> List[Entry]:
   out = [conv_kernel(f"{prefix}.weight", path + ("kernel",))]
   if bias:
     out.append(same(f"{prefix}.bias", path + ("bias",)))
   return out
 
 
-def layer_norm(prefix: str, path: Path) -> List[Entry]:
+def layer_norm(prefix: str, path: KeyPath) -> List[Entry]:
   return [same(f"{prefix}.weight", path + ("scale",)), same(f"{prefix}.bias", path + ("bias",))]
 
 
 # ---- applying a table --------------------------------------------------------------------------------
-def path_str(path: Path) -> str:
+def path_str(path: KeyPath) -> str:
   return ".".join(str(p) for p in path)
 
 
@@ -118,8 +119,8 @@ def _raise_if(problems: Dict[str, List[str]], what: str):
 
 
 def torch_to_nnx(state_dict: Mapping[str, np.ndarray], table: Sequence[Entry],
-                 target_shapes: Mapping[Path, Tuple[int, ...]], *, what: str = "checkpoint",
-                 ignore: Sequence[str] = ()) -> Dict[Path, np.ndarray]:
+                 target_shapes: Mapping[KeyPath, Tuple[int, ...]], *, what: str = "checkpoint",
+                 ignore: Sequence[str] = ()) -> Dict[KeyPath, np.ndarray]:
   """Converts a torch state dict (numpy arrays) with `table`; `target_shapes` are the model's leaves.
 
   `ignore` names source keys that are known, checked elsewhere and carry nothing to convert.
@@ -127,7 +128,7 @@ def torch_to_nnx(state_dict: Mapping[str, np.ndarray], table: Sequence[Entry],
   expected = {k for e in table for k in e.torch_keys}
   missing = sorted(k for k in expected if k not in state_dict)
   unexpected = sorted(k for k in state_dict if k not in expected and k not in ignore)
-  out: Dict[Path, np.ndarray] = {}
+  out: Dict[KeyPath, np.ndarray] = {}
   misshaped: List[str] = []
   for e in table:
     if any(k not in state_dict for k in e.torch_keys):
@@ -149,7 +150,7 @@ def torch_to_nnx(state_dict: Mapping[str, np.ndarray], table: Sequence[Entry],
   return out
 
 
-def nnx_to_torch(flat: Mapping[Path, np.ndarray], table: Sequence[Entry], *,
+def nnx_to_torch(flat: Mapping[KeyPath, np.ndarray], table: Sequence[Entry], *,
                  what: str = "parameters") -> Dict[str, np.ndarray]:
   """The inverse: NNX leaves -> torch state dict (numpy). Every leaf must be used by the table."""
   used = {p for e in table for p in e.nnx_paths}
@@ -163,7 +164,7 @@ def nnx_to_torch(flat: Mapping[Path, np.ndarray], table: Sequence[Entry], *,
   return out
 
 
-def conv1x1_as_linear(prefix: str, path: Path, bias: bool = True) -> List[Entry]:
+def conv1x1_as_linear(prefix: str, path: KeyPath, bias: bool = True) -> List[Entry]:
   """A torch 1x1 Conv2d [out, in, 1, 1] held as a Dense kernel [in, out] (same math on NHWC maps)."""
   to_nnx = lambda xs: [np.ascontiguousarray(xs[0].reshape(xs[0].shape[:2]).T)]
   to_torch = lambda xs: [np.ascontiguousarray(xs[0].T)[:, :, None, None]]
@@ -173,7 +174,7 @@ def conv1x1_as_linear(prefix: str, path: Path, bias: bool = True) -> List[Entry]
   return out
 
 
-def clip_resblock(prefix: str, path: Path) -> List[Entry]:
+def clip_resblock(prefix: str, path: KeyPath) -> List[Entry]:
   """An open_clip ResidualAttentionBlock (nn.MultiheadAttention with fused in_proj) <-> ours."""
   attn = path + ("attn",)
   qkv = [attn + (n, "kernel") for n in ("q_proj", "k_proj", "v_proj")]

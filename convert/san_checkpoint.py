@@ -21,7 +21,7 @@ import json
 import math
 import re
 import sys
-from pathlib import Path as FsPath
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -222,7 +222,7 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   import pickle
   import torch  # conversion-only dependency
 
-  if not FsPath(path).is_file():
+  if not Path(path).is_file():
     raise m.ConversionError(f"{path}: no such file")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -380,7 +380,7 @@ def _main(f: flags.FlagValues, args: List[str]) -> int:
   if f.config is None:
     cfg = default_config_for(sd)
   elif f.config.endswith(".json"):
-    cfg = config_from_dict(json.loads(FsPath(f.config).read_text()))
+    cfg = config_from_dict(json.loads(Path(f.config).read_text()))
   else:
     cfg = san_config(f.config)
   model = nnx.eval_shape(lambda: SAN(cfg, rngs=nnx.Rngs(0)))

@@ -27,8 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
-Path = Tuple  # an NNX flat path: strings and ints
-FlatParams = Dict[Path, Any]
+KeyPath = Tuple  # an NNX flat path: strings and ints
+FlatParams = Dict[KeyPath, Any]
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
@@ -81,7 +81,7 @@ def flatten(tree: Any) -> FlatParams:
   return out
 
 
-def _nest(flat: Mapping[Path, Any]) -> Dict[str, Any]:
+def _nest(flat: Mapping[KeyPath, Any]) -> Dict[str, Any]:
   """Flat paths -> nested dict keyed by strings (the on-disk form). Not flax's traverse_util.unflatten_dict:
   it lets a subtree silently replace a leaf of the same path; here that is an error naming the path."""
   root: Dict[str, Any] = {}

@@ -29,9 +29,12 @@ PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
 PIXEL_STD = (68.5005327, 66.6321579, 70.32316305)
 
 
+DEFAULT_CLIP = "ViT-B/16"  # the official SAN's CLIP; SANConfig's defaults are its geometry
+
+
 @dataclasses.dataclass(frozen=True)
 class SANConfig:
-  clip: clip_lib.CLIPConfig = clip_lib.clip_config("ViT-B/16")
+  clip: clip_lib.CLIPConfig = clip_lib.clip_config(DEFAULT_CLIP)
   side: SideAdapterConfig = SideAdapterConfig()
   clip_resolution: float = 0.5
   feature_last_layer_idx: int = 9
@@ -89,7 +92,7 @@ def config_from_dict(d: Dict[str, Any]) -> SANConfig:
   """Inverse of `config_to_dict`; `clip` may also be a variant name ("ViT-B/16") and `side.fusion_map`
   a list of "clip_layer->side_block" strings (the official notation), as configs write them."""
   d = dict(d)
-  c = d.pop("clip", "ViT-B/16")
+  c = d.pop("clip", DEFAULT_CLIP)
   if isinstance(c, str):
     clip_cfg = clip_lib.clip_config(c)
   else:
