@@ -37,10 +37,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from san_jax.losses import criterion as criterion_lib
-from san_jax.ops import reduce as reduce_lib
 from san_jax.models import layers
 from san_jax.models import params as params_lib
 from san_jax.models import san as san_lib
+from san_jax.ops import reduce as reduce_lib
 from san_jax.train import optim, sharding
 
 PyTree = Any
