@@ -7,7 +7,8 @@ same random weights and inputs (ViT-B/16 geometry, a 640x640 image, batch 1), an
 the same thing (max |difference| of the outputs, printed). bfloat16 is san-jax's `dtype=bfloat16` modules
 (float32 parameters, bfloat16 compute, float32 softmax) against `torch.autocast("cpu", torch.bfloat16)`.
 Rows (inference unless marked train):
-  matmul_2048      one 2048x2048 matmul (jitted jnp.matmul vs torch's @): the machine's GEMM throughput
+  matmul_2048      one 2048x2048 matmul (the product every san-jax Linear runs, `ops.gemm.dot_general`: the
+                   AVX512-BF16 custom call in bfloat16 where it is available, XLA's dot otherwise; vs torch's @)
   clip_tower       CLIP B/16 image tower at 320x320 (SAN's CLIP input) vs open_clip's visual
   side_vit         the side ViT's 8 blocks on 100 query + 1600 patch tokens vs timm VisionTransformer blocks
                    of the same geometry (width 240, 6 heads)
@@ -47,6 +48,7 @@ def machine_info() -> Dict[str, object]:
   """CPU model and the flags that decide the matmul kernels, core count and both frameworks' threads."""
   import jax
   import torch
+  from san_jax.ops import gemm
   model, flags = platform.processor() or platform.machine(), set()
   try:
     with open("/proc/cpuinfo") as f:
@@ -62,7 +64,7 @@ def machine_info() -> Dict[str, object]:
           "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "jax": jax.__version__,
           # XLA:CPU runs its intra-op work on one thread per core the process may use; XLA_FLAGS can change it
           "xla_threads": cores, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "jax_device": str(jax.devices()[0])}
+          "jax_device": str(jax.devices()[0]), "bf16_gemm": gemm.availability()[1]}
 
 
 # ---- models with the same weights -------------------------------------------------------------------
@@ -172,7 +174,9 @@ def bench_row(parts: Parts, row: str, dtype: str, runs: int) -> Dict[str, object
 
   if row == "matmul_2048":
     a, b = (rng.standard_normal((2048, 2048), dtype=np.float32) for _ in range(2))
-    jfn = jax.jit(lambda a, b: jnp.matmul(cast(a), cast(b), preferred_element_type=jnp.float32))
+    from san_jax.ops import gemm
+    jfn = jax.jit(lambda a, b: gemm.dot_general(cast(a), cast(b), (((1,), (0,)), ((), ())),
+                                                preferred_element_type=jnp.float32))
     jargs, targs = (jnp.asarray(a), jnp.asarray(b)), (torch.from_numpy(a), torch.from_numpy(b))
     tfn = lambda a, b: (a @ b).float()
   elif row == "clip_tower":
@@ -320,7 +324,7 @@ def format_table(info: Dict[str, object], rows: Sequence[Dict[str, object]]) -> 
   head = (f"CPU: {info['cpu']}, {info['cores']} cores, flags {' '.join(info['cpu_flags']) or '(none of interest)'}; "
           f"torch {info['torch']} with {info['torch_threads']} threads; jax {info['jax']} on {info['jax_device']}, "
           f"XLA {info['xla_threads']} threads" + (f", XLA_FLAGS={info['xla_flags']}" if info["xla_flags"] else "")
-          + f". Medians of {rows[0]['runs'] if rows else '-'} alternating calls, same run.")
+          + f"; san-jax bf16 products: {info.get('bf16_gemm', '-')}. Medians of {rows[0]['runs'] if rows else '-'} alternating calls, same run.")
   lines = [head, "", "| part | dtype | san-jax s | PyTorch s | PyTorch / san-jax | max abs diff (of max abs) |",
            "|---|---|---|---|---|---|"]
   for r in rows:

@@ -80,7 +80,9 @@ def export(pretrained_model, vocabulary: Sequence[str], size: Tuple[int, int], o
   emb = pretrained_model.segmenter().class_embeddings(names)
   fn = jax.jit(inference_fn(pretrained_model, emb, (h, w)))
   (b,) = jax_export.symbolic_shape("b")
-  exported = jax_export.export(fn, platforms=tuple(platforms))(jax.ShapeDtypeStruct((b, h, w, 3), np.uint8))
+  from san_jax.ops import gemm  # pylint: disable=g-import-not-at-top
+  with gemm.xla_only():  # a serving artifact runs on plain jax: no custom call of this build
+    exported = jax_export.export(fn, platforms=tuple(platforms))(jax.ShapeDtypeStruct((b, h, w, 3), np.uint8))
   meta = {
       "inputs": [{"name": "images", "dtype": "uint8", "shape": ["B", h, w, 3], "layout": "RGB, 0..255"}],
       "outputs": [{"name": "labels", "dtype": "int32", "shape": ["B", h, w], "meaning": "argmax class id"},

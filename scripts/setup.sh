@@ -5,6 +5,7 @@
 #   bash scripts/setup.sh --gpu   runtime plus jax's CUDA 12 plugin for an NVIDIA GPU (jax[cuda12] at the installed
 #                                 jax version; CUDA 12 wheels run on any driver >= 525, CUDA 13 ones need >= 580).
 #                                 No torch: a CUDA torch is never installed.
+# Then scripts/build_native.sh builds the AVX512-BF16 GEMM (csrc/) with g++ where it can (san_jax/ops/gemm.py).
 # The CLIP BPE vocabulary used by san_jax.text.tokenizer comes from the open_clip_torch wheel, installed
 # with --no-deps so that it cannot pull torchvision or a CUDA torch; nothing is downloaded at run time.
 set -euo pipefail
@@ -30,6 +31,7 @@ pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "
 stamp=.venv/.san_jax_setup
 want="$(cat requirements.txt requirements-dev.txt constraints.txt | sha1sum | cut -c1-12)${1:-}"
 if [ -f "$stamp" ] && grep -qx -- "$want" "$stamp"; then
+  bash scripts/build_native.sh
   exit 0
 fi
 case "${1:-}" in
@@ -43,4 +45,5 @@ if [ "${1:-}" = "--gpu" ]; then
 fi
 # open_clip_torch: the tokenizer's BPE vocabulary (and, for tests, the reference CLIP); timm: test reference.
 pip_install --no-deps open_clip_torch==3.3.0 timm==1.0.22
+bash scripts/build_native.sh
 echo "$want" > "$stamp"

@@ -210,20 +210,40 @@ def test_unpadded_input_smaller_than_a_patch_is_an_error():
 
 
 @pytest.mark.slow
-def test_bfloat16_compute_stays_close_to_the_float32_reference():
-  """bf16 compute (float32 parameters): the measured gaps on tiny_b16 are ~1-2% of each array's scale for
-  activations and logits, ~4% for the class probabilities, 97.7-98.3% of label pixels equal. The bounds
-  here are the tolerance we accept for bf16 (an 8-bit mantissa rounds at 0.4% per op)."""
+@pytest.mark.parametrize("bf16_gemm", ["custom_call", "xla"])
+def test_bfloat16_compute_stays_close_to_the_float32_reference(bf16_gemm, monkeypatch):
+  """bf16 compute (float32 parameters), on both CPU paths: the AVX512-BF16 custom call (bf16 operands,
+  float32 activations: ops/gemm.py) and XLA's bf16 dots (SAN_JAX_BF16_GEMM=0, bf16 activations). Measured
+  gaps on tiny_b16 (2026-12-03): XLA's path 1.0-1.7% of each array's scale for activations and logits,
+  2.6-3.1% for the class probabilities; the custom call's 0.5-0.8% and 1.8-3.7%. The bounds are the
+  tolerance we accept for bf16 (an 8-bit mantissa rounds at 0.4% per op).
+
+  Labels: on random weights the class scores of many pixels are near-ties (reference top-2 gaps down to
+  4e-7 of the scale), so how many flip depends on the signs of the rounding errors, not their size
+  (measured: 99.3/99.0% equal on XLA's path, 96.2/95.5% on the custom call's, whose every array above is
+  closer to float32). What must hold: every pixel whose reference top-2 gap exceeds twice the sem_seg
+  bound keeps its label (61-71% of them)."""
+  from san_jax.ops import gemm
+  if bf16_gemm == "custom_call" and not gemm.availability()[0]:
+    pytest.skip(f"custom call unavailable: {gemm.availability()[1]}")
+  if bf16_gemm == "xla":
+    monkeypatch.setenv(gemm.ENV_VAR, "0")
   case = check_parity.Case(str(case_dir("tiny_b16")))
   runner = check_parity.Runner(case, "bfloat16")
+  sem_rel = 6e-2
   for name, rel in [("clip_feat_4", 3e-2), ("eval_attn_bias", 3e-2), ("eval_mask_preds", 3e-2),
-                    ("eval_mask_embs", 3e-2), ("eval_mask_logits", 4e-2), ("sem_seg_0", 6e-2), ("sem_seg_1", 6e-2)]:
+                    ("eval_mask_embs", 3e-2), ("eval_mask_logits", 4e-2), ("sem_seg_0", sem_rel),
+                    ("sem_seg_1", sem_rel)]:
     ref = case.outputs[name]
     err = np.abs(np.asarray(runner.compute(name), np.float64) - ref).max()
     assert err <= rel * np.abs(ref).max(), (name, err / np.abs(ref).max())
   for i in (0, 1):
-    agree = np.mean(runner.compute(f"sem_seg_argmax_{i}") == case.outputs[f"sem_seg_argmax_{i}"])
-    assert agree >= 0.97, (i, agree)
+    ref = case.outputs[f"sem_seg_{i}"]
+    top2 = np.sort(ref, axis=0)[-2:]
+    clear = (top2[1] - top2[0]) > 2 * sem_rel * np.abs(ref).max()
+    assert clear.mean() > 0.2, "too few unambiguous pixels for the check to mean anything"
+    got = runner.compute(f"sem_seg_argmax_{i}")
+    assert np.array_equal(got[clear], case.outputs[f"sem_seg_argmax_{i}"][clear]), i
 
 
 def test_san_checkpoint_cli_round_trip(tmp_path):

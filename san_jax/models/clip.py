@@ -136,7 +136,7 @@ class MultiheadAttention(nnx.Module):
   def __call__(self, x: jax.Array, attn_bias: Optional[jax.Array] = None) -> jax.Array:
     split = lambda t: layers.split_heads(t, self.heads)
     out = layers.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), attn_bias,
-                           query_chunk=self.query_chunk, impl=self.attention_impl)
+                           query_chunk=self.query_chunk, impl=self.attention_impl, dtype=self.q_proj.dtype)
     return self.out_proj(out.reshape(x.shape))
 
 

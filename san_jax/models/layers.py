@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from san_jax.ops import gemm
+
 Dtype = jnp.dtype
 default_kernel_init = nnx.initializers.lecun_normal()
 zeros = nnx.initializers.zeros_init()
@@ -37,8 +39,23 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[
 def linear(in_features: int, out_features: int, axes: Sequence[Optional[str]], *, rngs: nnx.Rngs,
            use_bias: bool = True, dtype=None, param_dtype=jnp.float32) -> nnx.Linear:
   return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=with_axes(default_kernel_init, axes),
+                    dot_general=_dot_general, kernel_init=with_axes(default_kernel_init, axes),
                     bias_init=with_axes(zeros, axes[-1:]), rngs=rngs)
+
+
+def _xla_partitions() -> bool:
+  """Whether the program being traced is one XLA partitions over a mesh (`activation_sharding` outside
+  shard_map). There a custom call, having no sharding rule, would make XLA gather its operands, so the
+  products below keep XLA's dot."""
+  return bool(_RESOLVERS) and not jax.sharding.get_abstract_mesh().manual_axes
+
+
+def _dot_general(*args, **kwargs) -> jax.Array:
+  """Every Linear's product: `gemm.dot_general` (bfloat16 on the CPU's AVX512-BF16 units) unless XLA
+  partitions the program."""
+  if _xla_partitions():
+    return jax.lax.dot_general(*args, **kwargs)
+  return gemm.dot_general(*args, **kwargs)
 
 
 def layer_norm(features: int, eps: float, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32,
@@ -224,7 +241,7 @@ softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None,
-              query_chunk: Optional[int] = None, impl: str = "auto") -> jax.Array:
+              query_chunk: Optional[int] = None, impl: str = "auto", dtype=None) -> jax.Array:
   """Softmax attention. q, k, v: [B, L, heads, head_dim]; bias broadcastable to [B, heads, Lq, Lk].
 
   `impl` (see `attention_impl`): the exact path applies the scale to q (as torch's MultiheadAttention
@@ -232,7 +249,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
   [heads, Lq, Lk] logits never exist whole: on CPU this keeps the working set in cache for long sequences
   (the side ViT's ~1,700 tokens). "xla" and "cudnn" are jax.nn.dot_product_attention (scale applied to the
   float32 logits; cuDNN's flash kernel never materialises the logits, so `query_chunk` does not apply).
+  `dtype` (the calling module's compute dtype) casts q, k, v first: a bf16 Linear on a CPU returns its
+  float32 sums (ops/gemm.py), and the products here take bf16 again.
   """
+  if dtype is not None:
+    q, k, v = (t.astype(dtype) for t in (q, k, v))
   head_dim = q.shape[-1]
   if bias is not None:
     bias = jnp.asarray(bias)
@@ -243,12 +264,29 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=chosen)
   q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
 
-  def block(q_blk, bias_blk):
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k, preferred_element_type=jnp.float32)
+  def probs(logits, bias_blk):
     if bias_blk is not None:
       logits = logits + bias_blk.astype(jnp.float32)
-    weights = softmax(logits).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return softmax(logits).astype(v.dtype)
+
+  def xla_block(q_blk, bias_blk):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k, preferred_element_type=jnp.float32)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs(logits, bias_blk), v)
+
+  def gemm_block(q_blk, bias_blk):
+    # The same two products as batched [B*heads] custom calls (bf16 on a CPU with AVX512-BF16): q k^T takes
+    # k as stored (trans_b), and only q, k, v (not the [heads, Lq, Lk] logits) are transposed to heads-major.
+    b, lq, h, d = q_blk.shape
+    heads_major = lambda t: t.transpose(0, 2, 1, 3).reshape(b * h, t.shape[1], d)
+    logits = gemm.matmul(heads_major(q_blk), heads_major(k), False, True).reshape(b, h, lq, -1)
+    weights = probs(logits, bias_blk).reshape(b * h, lq, -1)
+    out = gemm.matmul(weights, heads_major(v)).astype(v.dtype)
+    return out.reshape(b, h, lq, d).transpose(0, 2, 1, 3)
+
+  def block(q_blk, bias_blk):
+    if not gemm.applies(q_blk, k, v) or _xla_partitions():
+      return xla_block(q_blk, bias_blk)
+    return jax.lax.platform_dependent(q_blk, bias_blk, cpu=gemm_block, default=xla_block)
 
   lq = q.shape[1]
   if query_chunk is None or lq <= query_chunk:

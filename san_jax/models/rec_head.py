@@ -82,7 +82,8 @@ def _rec_block(block: clip_lib.ResidualAttentionBlock, ctx: jax.Array, sos: jax.
 
   if update_ctx:  # the plain CLIP block, reusing k/v
     q_ctx = layers.split_heads(attn.q_proj(h_ctx), heads)
-    ctx_out = layers.attention(q_ctx, k_ctx, v_ctx, query_chunk=attn.query_chunk, impl=attn.attention_impl)
+    ctx_out = layers.attention(q_ctx, k_ctx, v_ctx, query_chunk=attn.query_chunk, impl=attn.attention_impl,
+                               dtype=attn.q_proj.dtype)
     ctx = ctx + attn.out_proj(ctx_out.reshape(ctx.shape))
     ctx = ctx + block.mlp(block.ln_2(ctx))
   return ctx, sos

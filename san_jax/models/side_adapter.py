@@ -90,7 +90,7 @@ class Attention(nnx.Module):
     qkv = layers.constrain(self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads),
                            ("batch", "length", None, "heads"))
     out = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], query_chunk=self.query_chunk,
-                           impl=self.attention_impl)
+                           impl=self.attention_impl, dtype=self.qkv.dtype)
     return self.proj(out.reshape(b, n, d))
 
 

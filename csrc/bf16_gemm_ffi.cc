@@ -1,0 +1,59 @@
+// XLA FFI handler "san_bf16_gemm": C = op(A) @ op(B) in bfloat16 with float32 sums, on the CPU's AVX512-BF16
+// units (csrc/bf16_gemm.cc). Registered from Python by san_jax/ops/gemm.py; built by scripts/setup.sh.
+//
+//   a: bf16 [M, K] (trans_a = false) or [K, M] (trans_a = true), optionally with one leading batch dim
+//   b: bf16 [K, N] (trans_b = false) or [N, K] (trans_b = true), the same leading batch dim when a has one
+//   c: f32  [M, N] (or [batch, M, N])
+// Shapes are checked here too (Python checks them before tracing): a mismatch is an InvalidArgument error
+// naming both shapes, never a read out of bounds.
+#include <cstdint>
+#include <string>
+
+#include "bf16_gemm.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+std::string ShapeString(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+ffi::Error Bf16Gemm(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::ResultBuffer<ffi::F32> c,
+                    bool trans_a, bool trans_b) {
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  const size_t rank = ad.size();
+  auto bad = [&](const char* why) {
+    return ffi::Error::InvalidArgument(std::string("san_bf16_gemm: ") + why + ": a " + ShapeString(ad) +
+                                       ", b " + ShapeString(bd) + ", c " + ShapeString(cd));
+  };
+  if ((rank != 2 && rank != 3) || bd.size() != rank || cd.size() != rank) return bad("ranks must be 2 or 3, equal");
+  const int64_t batch = rank == 3 ? ad[0] : 1;
+  if (rank == 3 && (bd[0] != batch || cd[0] != batch)) return bad("batch dims differ");
+  const size_t r = rank - 2;
+  const int64_t M = trans_a ? ad[r + 1] : ad[r], K = trans_a ? ad[r] : ad[r + 1];
+  const int64_t N = trans_b ? bd[r] : bd[r + 1], Kb = trans_b ? bd[r + 1] : bd[r];
+  if (K != Kb) return bad("contracted dims differ");
+  if (cd[r] != M || cd[r + 1] != N) return bad("result shape is not [M, N]");
+  if (!san_bf16_gemm_supported()) return ffi::Error::Internal("san_bf16_gemm: this CPU lacks AVX512-BF16");
+  const uint16_t* pa = a.typed_data();
+  const uint16_t* pb = b.typed_data();
+  float* pc = c->typed_data();
+  for (int64_t i = 0; i < batch; ++i) {
+    san_bf16_gemm(M, N, K, pa + i * M * K, trans_a, pb + i * K * N, trans_b, pc + i * M * N, /*num_threads=*/0);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SanBf16Gemm, Bf16Gemm,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));

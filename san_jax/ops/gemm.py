@@ -1,0 +1,166 @@
+"""bfloat16 matmuls on the CPU's AVX512-BF16 units, through an XLA FFI custom call.
+
+XLA:CPU (jaxlib 0.10.2) computes a bfloat16 dot by widening to float32: measured on a 2-core AMD EPYC with
+avx512_bf16, a 2048^3 bf16 dot runs at ~260 GFLOP/s against ~390 for float32, so `compute_dtype=bfloat16`
+was slower than float32, and none of XLA's CPU options (oneDNN, XNNPACK, YNNPACK fusions, the oneDNN custom
+call) changed that (issue 15's note has the numbers). `csrc/bf16_gemm.cc` is a packed GEMM whose inner
+loop is VDPBF16PS (two bf16 products summed into a float32 lane per instruction: twice a float32 FMA's
+work), built by `scripts/setup.sh` into `san_jax/ops/_native/` with the machine's g++.
+
+`dot_general` is a drop-in for `lax.dot_general` that `layers.linear` hands to every `nnx.Linear`: a
+bfloat16 x bfloat16 product of the Linear pattern (x[..., K] @ W[K, N]) becomes the custom call on a CPU,
+with a custom VJP whose two gradient products are custom calls too (dx = g @ W^T, dW = x^T @ g, each
+flattened to 2-D); `layers.attention` runs its two bf16 products (q k^T, weights v) through `matmul`, the
+differentiable batched form. Everything else -- float32, other contractions, other platforms (the choice is made by
+`lax.platform_dependent` at lowering), a CPU without AVX512-BF16, no built library, or
+`SAN_JAX_BF16_GEMM=0` -- keeps `lax.dot_general`, and the numbers only differ by summation order: both
+sum exact bf16 products in float32 and round the result once.
+
+A custom call has no sharding rule: in a program XLA partitions over a mesh, XLA would gather its operands.
+`layers.linear` therefore keeps XLA's dot while a step is traced under `layers.activation_sharding`.
+
+Where the custom call applies, a bf16 Linear returns the float32 sums unrounded, so on a CPU
+`compute_dtype=bfloat16` means: every product's operands in bf16 (as torch's autocast rounds them), the
+activations between products in float32. XLA:CPU has no bf16 arithmetic -- each bf16 elementwise op is a
+float32 op between two conversions -- and measured that way ([401, 3072] bias + quick GELU after the 401 x
+768 x 3072 product, 2026-12-03) the bf16 epilogue cost 1.7 ms against 0.9 ms in float32, after a 2.4 ms
+product. Keeping float32 there is both faster and closer to the float32 model; `layers.attention` casts
+q, k and v back to the module's dtype for its products.
+
+`availability()` says which path runs and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+from pathlib import Path
+from typing import Iterator, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ENV_VAR = "SAN_JAX_BF16_GEMM"  # "0" forces XLA's dot everywhere
+LIBRARY = Path(__file__).with_name("_native") / "libsan_bf16_gemm.so"
+_TARGET = "san_bf16_gemm"
+_BF16 = jnp.dtype(jnp.bfloat16)
+
+@functools.lru_cache(maxsize=None)
+def _load() -> Tuple[bool, str]:
+  if not LIBRARY.exists():
+    return False, f"{LIBRARY} is not built (scripts/setup.sh builds it with g++)"
+  try:
+    lib = ctypes.CDLL(str(LIBRARY))
+  except OSError as e:
+    return False, f"{LIBRARY} does not load: {e}"
+  if not lib.san_bf16_gemm_supported():
+    return False, "this CPU lacks AVX512-BF16 (avx512f/bw/vl + avx512_bf16)"
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.SanBf16Gemm), platform="cpu")
+  return True, f"AVX512-BF16 GEMM ({LIBRARY.name})"
+
+
+def availability() -> Tuple[bool, str]:
+  """(whether bfloat16 Linear products on a CPU use the custom call, why / which)."""
+  if os.environ.get(ENV_VAR, "1") == "0":
+    return False, f"disabled by {ENV_VAR}=0"
+  return _load()
+
+
+def gemm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+  """float32 op(a) @ op(b) by the custom call (CPU only; call `availability()` first).
+
+  a: bf16 [M, K] ([K, M] if trans_a), b: bf16 [K, N] ([N, K] if trans_b), both optionally with one equal
+  leading batch dim. Returns float32 [..., M, N]. Not differentiable by itself (`matmul` is).
+  """
+  if a.dtype != _BF16 or b.dtype != _BF16:
+    raise TypeError(f"gemm takes bfloat16 operands, got {a.dtype} and {b.dtype}")
+  if a.ndim not in (2, 3) or b.ndim != a.ndim or a.shape[:-2] != b.shape[:-2]:
+    raise ValueError(f"gemm takes two 2-D or two equally batched 3-D operands, got {a.shape} and {b.shape}")
+  m, ka = (a.shape[-1], a.shape[-2]) if trans_a else a.shape[-2:]
+  kb, n = (b.shape[-1], b.shape[-2]) if trans_b else b.shape[-2:]
+  if ka != kb:
+    raise ValueError(f"gemm: contracted dims differ: a {a.shape} (trans_a={trans_a}), b {b.shape} (trans_b={trans_b})")
+  ok, why = _load()
+  if not ok:
+    raise RuntimeError(f"gemm: the AVX512-BF16 custom call is unavailable: {why}")
+  out = jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32)
+  return jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")(
+      a, b, trans_a=bool(trans_a), trans_b=bool(trans_b))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+  """`gemm` with gradients: float32 op(a) @ op(b), bf16 cotangents (as XLA's own bf16 dot takes them).
+
+  With C = op(A) op(B) and G = dC: dop(A) = G op(B)^T and dop(B) = op(A)^T G, each again one custom call
+  whose flags absorb every transpose (no copies), e.g. dA = G @ B^T is gemm(G, B, trans_b=not trans_b)."""
+  return gemm(a, b, trans_a, trans_b)
+
+
+def _matmul_fwd(a, b, trans_a, trans_b):
+  return gemm(a, b, trans_a, trans_b), (a, b)
+
+
+def _matmul_bwd(trans_a, trans_b, res, g):
+  a, b = res
+  g = g.astype(_BF16)
+  # dA as stored: [M, K] = G @ op(B)^T, or [K, M] = op(B) @ G^T when a is stored transposed.
+  da = gemm(b, g, trans_b, True) if trans_a else gemm(g, b, False, not trans_b)
+  # dB as stored: [K, N] = op(A)^T @ G, or [N, K] = G^T @ op(A) when b is stored transposed.
+  db = gemm(g, a, True, trans_a) if trans_b else gemm(a, g, not trans_a, False)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _is_linear(lhs, rhs, dimension_numbers) -> bool:
+  (lc, rc), (lb, rb) = dimension_numbers
+  return (tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb and rhs.ndim == 2
+          and lhs.ndim >= 1)
+
+
+_XLA_ONLY = []  # non-empty while `xla_only()` is entered
+
+
+@contextlib.contextmanager
+def xla_only() -> Iterator[None]:
+  """Programs traced inside use XLA's dot everywhere: `jax.export` (san_jax/export.py) must not carry a
+  custom call that only this build registers, and that jax.export refuses to serialise."""
+  _XLA_ONLY.append(True)
+  try:
+    yield
+  finally:
+    _XLA_ONLY.pop()
+
+
+def applies(*operands: jax.Array) -> bool:
+  """Whether products of these operands go to the custom call: all bfloat16, non-empty, the library
+  available and the default backend a CPU (where a program is lowered for another platform as well,
+  `lax.platform_dependent` still gives that platform XLA's dot)."""
+  return (not _XLA_ONLY and all(jnp.dtype(x.dtype) == _BF16 and x.size for x in operands)
+          and jax.default_backend() == "cpu" and availability()[0])
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+  """`lax.dot_general` with the bf16 Linear product on the custom call where it applies (module docstring)."""
+  def xla(lhs, rhs):
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+
+  if out_sharding is not None or not _is_linear(lhs, rhs, dimension_numbers) or not applies(lhs, rhs):
+    return xla(lhs, rhs)
+  # The float32 sums, unrounded (module docstring: bf16 operands, float32 activations on a CPU).
+  out_dtype = jnp.dtype(preferred_element_type) if preferred_element_type is not None else jnp.dtype(jnp.float32)
+  xla_f32 = lambda lhs, rhs: lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                             preferred_element_type=out_dtype)
+
+  def custom(lhs, rhs):
+    y = matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
+    return y.reshape(lhs.shape[:-1] + rhs.shape[-1:]).astype(out_dtype)
+
+  return lax.platform_dependent(lhs, rhs, cpu=custom, default=xla_f32)
+
