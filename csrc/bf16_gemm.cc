@@ -462,6 +462,19 @@ void job_part(void* arg, int t) {
 
 extern "C" {
 
+void san_parallel_run(int64_t items, void (*fn)(void*, int), void* arg) {
+  const int T = (int)std::min<int64_t>(process_cpus(), std::max<int64_t>(items, 1));
+  if (T > 1) {
+    Pool* pool = get_pool();
+    std::unique_lock<std::mutex> lk(pool->call_mu, std::try_to_lock);
+    if (lk.owns_lock()) {
+      pool->run(T, fn, arg);
+      return;
+    }
+  }
+  fn(arg, 0);
+}
+
 int san_bf16_gemm_supported() {
   static const int ok = cpu_supported() ? 1 : 0;
   return ok;

@@ -10,6 +10,15 @@ int san_bf16_gemm_supported();
 // trans_b = 0: B is stored [K, N]; 1: B is stored [N, K]. Products summed in float32 (VDPBF16PS).
 // num_threads <= 0 means: all the process's CPUs (std::thread::hardware_concurrency or sched_getaffinity).
 // Any M, N, K >= 0 (K = 0 writes zeros; odd K, ragged M/N edges must be right).
+// Runs fn(arg, part) for part = 0 .. min(items, the process's CPUs) - 1 on the GEMM's persistent thread
+// pool (the caller runs part 0); each part takes work items from a counter in arg. Serial when the pool is
+// busy with another call.
+void san_parallel_run(int64_t items, void (*fn)(void*, int), void* arg);
+// Fused attention (bf16_attention.cc): q [B, Lq, H, D] (already scaled), k, v [B, Lk, H, D] -> out
+// [B, Lq, H, D] bf16 and lse [B, H, Lq] f32 (log-sum-exp of each query's logits). D <= 128.
+// Returns 0, or 1 for an unsupported shape, 2 for a CPU without AVX512-BF16.
+int san_bf16_attention(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D, const uint16_t* q,
+                       const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse);
 void san_bf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int trans_a,
                    const uint16_t* B, int trans_b, float* C, int num_threads);
 }

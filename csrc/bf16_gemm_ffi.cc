@@ -4,6 +4,11 @@
 //   a: bf16 [M, K] (trans_a = false) or [K, M] (trans_a = true), optionally with one leading batch dim
 //   b: bf16 [K, N] (trans_b = false) or [N, K] (trans_b = true), the same leading batch dim when a has one
 //   c: f32  [M, N] (or [batch, M, N])
+//
+// XLA FFI handler "san_bf16_attention": fused softmax attention (csrc/bf16_attention.cc), registered by
+// san_jax/ops/gemm.py:
+//   q: bf16 [B, Lq, H, D] (already scaled), k, v: bf16 [B, Lk, H, D]
+//   out: bf16 [B, Lq, H, D], lse: f32 [B, H, Lq]; D <= 128, Lk >= 1
 // Shapes are checked here too (Python checks them before tracing): a mismatch is an InvalidArgument error
 // naming both shapes, never a read out of bounds.
 #include <cstdint>
@@ -48,7 +53,41 @@ ffi::Error Bf16Gemm(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::Res
   return ffi::Error::Success();
 }
 
+ffi::Error Bf16Attention(ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                         ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> lse) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), od = out->dimensions(),
+       ld = lse->dimensions();
+  auto bad = [&](const char* why) {
+    return ffi::Error::InvalidArgument(std::string("san_bf16_attention: ") + why + ": q " + ShapeString(qd) +
+                                       ", k " + ShapeString(kd) + ", v " + ShapeString(vd) + ", out " +
+                                       ShapeString(od) + ", lse " + ShapeString(ld));
+  };
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || od.size() != 4 || ld.size() != 3)
+    return bad("q, k, v, out must be [B, L, H, D] and lse [B, H, Lq]");
+  const int64_t B = qd[0], Lq = qd[1], H = qd[2], D = qd[3], Lk = kd[1];
+  for (int i : {0, 2, 3})
+    if (kd[i] != qd[i] || vd[i] != qd[i]) return bad("q, k, v differ in B, H or D");
+  if (vd[1] != Lk) return bad("k and v differ in length");
+  for (int i = 0; i < 4; ++i)
+    if (od[i] != qd[i]) return bad("out is not q's shape");
+  if (ld[0] != B || ld[1] != H || ld[2] != Lq) return bad("lse is not [B, H, Lq]");
+  if (D > 128 || Lk < 1) return bad("the kernel takes head dims <= 128 and at least one key");
+  const int rc = san_bf16_attention(B, Lq, Lk, H, D, q.typed_data(), k.typed_data(), v.typed_data(),
+                                    out->typed_data(), lse->typed_data());
+  if (rc == 2) return ffi::Error::Internal("san_bf16_attention: this CPU lacks AVX512-BF16");
+  if (rc != 0) return bad("unsupported shape");
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SanBf16Attention, Bf16Attention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SanBf16Gemm, Bf16Gemm,
                               ffi::Ffi::Bind()

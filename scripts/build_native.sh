@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds san_jax/ops/_native/libsan_bf16_gemm.so (the AVX512-BF16 GEMM custom call, san_jax/ops/gemm.py)
+# Builds san_jax/ops/_native/libsan_bf16_gemm.so (the AVX512-BF16 GEMM and fused attention custom calls,
+# san_jax/ops/gemm.py)
 # from csrc/ with the machine's g++ against the XLA FFI headers jaxlib ships. Called by scripts/setup.sh;
 # rebuilds only when a source (or jaxlib) is newer than the library. Without g++ or on a non-x86-64 machine
 # it says so and builds nothing: san-jax then uses XLA's dot (san_jax.ops.gemm.availability() tells which).
@@ -22,5 +23,5 @@ mkdir -p "$(dirname "$out")"
 # so one build loads on any x86-64 and falls back where the instructions are missing. -Wno-maybe-uninitialized:
 # GCC 12 warns inside its own avx512fintrin.h (its `__Y = __Y` idiom), not about this code.
 "$cxx" -O3 -std=c++17 -fPIC -shared -Wall -Wno-maybe-uninitialized -DNDEBUG -Icsrc -isystem "$inc" \
-  csrc/bf16_gemm.cc csrc/bf16_gemm_ffi.cc -o "$out.tmp" -lpthread
+  csrc/bf16_gemm.cc csrc/bf16_attention.cc csrc/bf16_gemm_ffi.cc -o "$out.tmp" -lpthread
 mv "$out.tmp" "$out"

@@ -228,3 +228,92 @@ def test_export_never_carries_the_custom_call():
     exp = jax.export.export(_jit(f), platforms=["cpu"])(x, w)
   assert "san_bf16_gemm" not in exp.mlir_module()
   np.testing.assert_array_equal(exp.call(x, w), jax.lax.dot_general(x, w, DN))  # XLA's own bf16 result
+
+
+# ---- the fused attention (csrc/bf16_attention.cc) ---------------------------------------------------------
+def _attention_f64(q, k, v):
+  """float64 softmax(q k^T / sqrt(D)) v of the bf16 operands, [B, L, H, D] layout."""
+  q64, k64, v64 = _f64(q), _f64(k), _f64(v)
+  s = np.einsum("bqhd,bkhd->bhqk", q64 * q.shape[-1] ** -0.5, k64)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", p, v64)
+
+
+def _uses_fused(fn, *args) -> bool:
+  return "san_bf16_attention" in _jit(fn).lower(*args).as_text()
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,lq,lk,h,d", [(1, 1, 1, 1, 1), (2, 37, 50, 3, 40), (1, 17, 300, 2, 64),
+                                         (1, 130, 129, 1, 33), (1, 20, 16, 2, 128), (1, 401, 401, 12, 64)])
+def test_fused_attention_equals_float64_and_the_unfused_path_within_bf16_rounding(monkeypatch, b, lq, lk, h, d):
+  """layers.attention in bf16 without a bias is one fused custom call. Its weights exp(s - max) are rounded
+  to bf16 (half an ulp, 2^-9 relative, as the unfused path rounds its softmax) and normalised once by the
+  float32 sum, so an output moves by <= 2^-9 max|v| from the float64 attention of the same bf16 operands,
+  plus the output's own rounding to bf16 (2^-9 relative); float32 logits add ~D 2^-24 |q||k| to each
+  exponent, far below. Against the unfused bf16 path both sides carry those roundings: <= 2^-8 max|v| +
+  2^-8 max|out| (the bound of the unfused path's own test above). Edges: one key, one query, odd and
+  maximal head dims, key counts off the kernel's 16- and 128-key blocks."""
+  rng = np.random.default_rng(b * 7 + lq + lk + d)
+  q, k, v = _bf16(rng, (b, lq, h, d)), _bf16(rng, (b, lk, h, d)), _bf16(rng, (b, lk, h, d))
+  attn = lambda q, k, v: layers.attention(q, k, v, query_chunk=64)
+  assert _uses_fused(attn, q, k, v)
+  got = _jit(attn)(q, k, v)
+  assert got.dtype == jnp.bfloat16 and got.shape == q.shape
+  got = _f64(got)
+  ref = _attention_f64(q, k, v)
+  vmax = np.abs(_f64(v)).max()
+  assert np.all(np.abs(got - ref) <= 2.0 ** -9 * vmax * (1 + 2.0 ** -8) + 2.0 ** -9 * np.abs(ref) + 1e-6 * vmax)
+  monkeypatch.setattr(gemm, "attention_applies", lambda *a: False)
+  assert not _uses_fused(attn, q, k, v)
+  unfused = _f64(_jit(attn)(q, k, v))
+  assert np.all(np.abs(got - unfused) <= 2.0 ** -8 * vmax + 2.0 ** -8 * np.maximum(np.abs(got), np.abs(unfused)))
+
+
+@needs_kernel
+def test_fused_attention_gradients_are_the_unfused_paths_bit_for_bit(monkeypatch):
+  """Under a gradient the forward is the unfused path's (layers._fused_forward): training computes exactly
+  what it did without the fused kernel, in the forward value and in every gradient."""
+  rng = np.random.default_rng(8)
+  q, k, v = (_bf16(rng, (1, 70, 2, 40)) for _ in range(3))
+  ct = jnp.asarray(rng.standard_normal((1, 70, 2, 40)), jnp.float32)
+  loss = lambda q, k, v: jnp.sum(layers.attention(q, k, v, query_chunk=32).astype(jnp.float32) * ct)
+  vg = lambda q, k, v: jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+  assert "san_bf16_attention" in _jit(loss).lower(q, k, v).as_text()
+  fused_value, fused_grads = _jit(vg)(q, k, v)
+  monkeypatch.setattr(gemm, "attention_applies", lambda *a: False)
+  value, grads = _jit(vg)(q, k, v)
+  assert float(fused_value) == float(value)
+  for a, b in zip(fused_grads, grads):
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+
+
+@needs_kernel
+def test_fused_attention_only_where_it_applies():
+  """Not for float32 (the parity path), with an additive bias, a head dim above the kernel's 128, under
+  gemm.xla_only() (exports), under activation_sharding (a partitioned step), or in a program lowered for a
+  GPU (lax.platform_dependent gives it the unfused path)."""
+  rng = np.random.default_rng(9)
+  q, k, v = (_bf16(rng, (1, 20, 2, 16)) for _ in range(3))
+  attn = lambda q, k, v: layers.attention(q, k, v)
+  assert _uses_fused(attn, q, k, v)
+  assert not _uses_fused(attn, *(t.astype(jnp.float32) for t in (q, k, v)))
+  bias = jnp.zeros((1, 2, 20, 20), jnp.float32)
+  assert not _uses_fused(lambda q, k, v: layers.attention(q, k, v, bias), q, k, v)
+  wide = _bf16(rng, (1, 4, 1, 136))
+  assert not _uses_fused(attn, wide, wide, wide)
+  with gemm.xla_only():
+    assert not _uses_fused(attn, q, k, v)
+  with layers.activation_sharding(lambda names, shape: None):
+    assert not _uses_fused(attn, q, k, v)
+  gpu = jax.export.export(_jit(attn), platforms=["cuda"])(q, k, v)
+  assert "san_bf16_attention" not in gpu.mlir_module()
+
+
+def test_fused_attention_rejects_what_it_cannot_take():
+  with pytest.raises(ValueError, match=r"fused_attention does not apply to q \(1, 4, 2, 8\) float32"):
+    gemm.fused_attention(*(jnp.zeros((1, 4, 2, 8)) for _ in range(3)))
+  bf = lambda *s: jnp.zeros(s, jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"k \(1, 5, 2, 8\) bfloat16, v \(1, 6, 2, 8\)"):
+    gemm.fused_attention(bf(1, 4, 2, 8), bf(1, 5, 2, 8), bf(1, 6, 2, 8))

@@ -250,7 +250,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
   (the side ViT's ~1,700 tokens). "xla" and "cudnn" are jax.nn.dot_product_attention (scale applied to the
   float32 logits; cuDNN's flash kernel never materialises the logits, so `query_chunk` does not apply).
   `dtype` (the calling module's compute dtype) casts q, k, v first: a bf16 Linear on a CPU returns its
-  float32 sums (ops/gemm.py), and the products here take bf16 again.
+  float32 sums (ops/gemm.py), and the products here take bf16 again. bf16 without a bias on a CPU with
+  AVX512-BF16 runs as one fused custom call (`gemm.fused_attention`), differentiated as the exact path.
   """
   if dtype is not None:
     q, k, v = (t.astype(dtype) for t in (q, k, v))
@@ -264,38 +265,63 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
     return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=chosen)
   q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
 
-  def probs(logits, bias_blk):
+  def probs(logits, bias_blk, v):
     if bias_blk is not None:
       logits = logits + bias_blk.astype(jnp.float32)
     return softmax(logits).astype(v.dtype)
 
-  def xla_block(q_blk, bias_blk):
+  def xla_block(q_blk, k, v, bias_blk):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k, preferred_element_type=jnp.float32)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs(logits, bias_blk), v)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs(logits, bias_blk, v), v)
 
-  def gemm_block(q_blk, bias_blk):
+  def gemm_block(q_blk, k, v, bias_blk):
     # The same two products as batched [B*heads] custom calls (bf16 on a CPU with AVX512-BF16): q k^T takes
     # k as stored (trans_b), and only q, k, v (not the [heads, Lq, Lk] logits) are transposed to heads-major.
     b, lq, h, d = q_blk.shape
     heads_major = lambda t: t.transpose(0, 2, 1, 3).reshape(b * h, t.shape[1], d)
     logits = gemm.matmul(heads_major(q_blk), heads_major(k), False, True).reshape(b, h, lq, -1)
-    weights = probs(logits, bias_blk).reshape(b * h, lq, -1)
+    weights = probs(logits, bias_blk, v).reshape(b * h, lq, -1)
     out = gemm.matmul(weights, heads_major(v)).astype(v.dtype)
     return out.reshape(b, h, lq, d).transpose(0, 2, 1, 3)
 
-  def block(q_blk, bias_blk):
+  def block(q_blk, k, v, bias_blk):
     if not gemm.applies(q_blk, k, v) or _xla_partitions():
-      return xla_block(q_blk, bias_blk)
-    return jax.lax.platform_dependent(q_blk, bias_blk, cpu=gemm_block, default=xla_block)
+      return xla_block(q_blk, k, v, bias_blk)
+    return jax.lax.platform_dependent(q_blk, k, v, bias_blk, cpu=gemm_block, default=xla_block)
 
-  lq = q.shape[1]
-  if query_chunk is None or lq <= query_chunk:
-    return block(q, bias)
-  outs = []
-  for start in range(0, lq, query_chunk):
-    stop = min(start + query_chunk, lq)
-    b = None
-    if bias is not None:
-      b = bias if bias.shape[2] == 1 else bias[:, :, start:stop]
-    outs.append(block(q[:, start:stop], b))
-  return jnp.concatenate(outs, axis=1)
+  def unfused(q, k, v):
+    lq = q.shape[1]
+    if query_chunk is None or lq <= query_chunk:
+      return block(q, k, v, bias)
+    outs = []
+    for start in range(0, lq, query_chunk):
+      stop = min(start + query_chunk, lq)
+      b = None
+      if bias is not None:
+        b = bias if bias.shape[2] == 1 else bias[:, :, start:stop]
+      outs.append(block(q[:, start:stop], k, v, b))
+    return jnp.concatenate(outs, axis=1)
+
+  if bias is None and gemm.attention_applies(q, k, v) and not _xla_partitions():
+    return jax.lax.platform_dependent(q, k, v, cpu=_fused_forward(unfused), default=unfused)
+  return unfused(q, k, v)
+
+
+def _fused_forward(unfused: Callable) -> Callable:
+  """(q, k, v) -> attention by the fused CPU custom call (ops/gemm.py `fused_attention`: bf16, no bias; its
+  logits never leave 16 x 128 tiles), differentiated as `unfused`: under a gradient the forward is
+  `unfused`'s, whose saved probabilities feed its own backward, so training computes exactly what it did
+  without the fused kernel (a backward from the fused kernel's log-sum-exp would recompute the logits and
+  their exp, measured slower on the side ViT's train step); inference runs the fused kernel alone."""
+  @jax.custom_vjp
+  def fused(q, k, v):
+    return gemm.fused_attention(q, k, v)[0]
+
+  def fwd(q, k, v):
+    return jax.vjp(unfused, q, k, v)
+
+  def bwd(vjp, g):
+    return vjp(g)
+
+  fused.defvjp(fwd, bwd)
+  return fused
