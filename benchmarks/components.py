@@ -49,16 +49,23 @@ def machine_info() -> Dict[str, object]:
   import jax
   import torch
   from san_jax.ops import gemm
-  model, flags = platform.processor() or platform.machine(), set()
+  model, flags, ident = platform.processor() or platform.machine(), set(), {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
+        key = line.split(":", 1)[0].strip()
+        if key == "model name":
           model = line.split(":", 1)[1].strip()
-        elif line.startswith("flags"):
+        elif key in ("cpu family", "model", "cpu MHz") and key not in ident:
+          ident[key] = line.split(":", 1)[1].strip()
+        elif key == "flags":
           flags = set(line.split(":", 1)[1].split())
   except OSError:
     pass
+  # A model name as bare as "AMD EPYC" hides the generation, which decides AVX-512 throughput (family 25 is
+  # Zen 3/4, 26 Zen 5: Zen 4 runs a 512-bit VDPBF16PS as two 256-bit halves).
+  if ident.get("cpu family"):
+    model += f" (family {ident['cpu family']} model {ident.get('model', '?')}, {float(ident.get('cpu MHz', 0)):.0f} MHz)"
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return {"cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cores": cores,
           "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "jax": jax.__version__,

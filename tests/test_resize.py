@@ -13,6 +13,7 @@ CASES = [  # (in_hw, size or None, scale or None)
     ((14, 14), (10, 11), None), ((7, 9), (7, 9), None), ((33, 45), (5, 3), None),
     ((320, 352), None, 0.5), ((320, 352), None, 0.7), ((97, 131), None, 0.7), ((61, 83), None, 0.5),
     ((11, 13), None, 1.7),
+    ((16, 12), (64, 48), None), ((5, 7), None, 3.0), ((160, 40), (640, 160), None),  # integer upscales
 ]
 
 
@@ -58,3 +59,16 @@ def test_bad_arguments_raise():
     resize.interpolate(x, size=(2, 2), method="area")
   with pytest.raises(ValueError, match="empty"):
     resize.interpolate(x, scale_factor=0.1)
+
+
+def test_integer_upscales_are_taps_on_shifted_copies_not_a_matmul():
+  """SAN's 4x mask upsampling (160 -> 640): two taps per phase, no dot in the program; sizes whose taps
+  do not repeat keep the matmul (the torch comparisons above cover both)."""
+  k, phases = resize.upsample_phases(resize.interpolation_matrix(160, 640, "bilinear"))
+  assert k == 4 and [len(t) for t in phases] == [2, 2, 2, 2]
+  assert resize.upsample_phases(resize.interpolation_matrix(40, 20, "bilinear")) is None
+  assert resize.upsample_phases(resize.interpolation_matrix(11, 18, "bilinear", 1.7)) is None
+  import jax
+  x = jnp.zeros((3, 160, 160), jnp.float32)
+  hlo = jax.jit(lambda x: resize.interpolate(x, size=(640, 640), axes=(1, 2))).lower(x).as_text()
+  assert "dot_general" not in hlo
