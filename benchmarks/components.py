@@ -286,7 +286,7 @@ def bench_row(parts: Parts, row: str, dtype: str, runs: int) -> Dict[str, object
 
     def jpost(lg, pr):
       probs = san_lib.semantic_inference(cast(lg), cast(pr), hw, hw, hw)
-      return probs.astype(jnp.float32), jnp.argmax(probs, axis=0)
+      return probs.astype(jnp.float32), san_lib.class_argmax(probs)
 
     jfn, tfn = jax.jit(jpost), lambda lg, pr: torch_postprocess(lg, pr, hw)
     jargs, targs = (jnp.asarray(logits), jnp.asarray(preds)), (torch.from_numpy(logits), torch.from_numpy(preds))

@@ -6,6 +6,7 @@ import io
 import json
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -260,3 +261,15 @@ def test_san_checkpoint_cli_round_trip(tmp_path):
   for k, v in sd.items():
     assert tuple(back[k].shape) == np.shape(v), k
     np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 150, san_lib.UNROLLED_ARGMAX_MAX_CLASSES + 1])
+def test_class_argmax_is_jnp_argmax_first_index_on_ties(classes):
+  """The label map (unrolled running maximum up to UNROLLED_ARGMAX_MAX_CLASSES classes, jnp.argmax
+  beyond) picks what jnp.argmax picks, on values with many ties."""
+  x = jnp.asarray(np.random.default_rng(classes).integers(0, 4, (classes, 7, 9)), jnp.float32)
+  got = jax.jit(san_lib.class_argmax)(x)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(x, axis=0)))
+  np.testing.assert_array_equal(np.asarray(san_lib.class_argmax(x.transpose(1, 2, 0), axis=-1)),
+                                np.asarray(jnp.argmax(x, axis=0)))

@@ -159,7 +159,7 @@ class Segmenter:
     out = model(batch, class_emb)
     probs = san_lib.semantic_inference(out["mask_logits"][0, -1], out["mask_preds"][0, -1],
                                        tuple(batch.shape[1:3]), image_hw, output_hw)
-    return probs, jnp.argmax(probs, axis=0).astype(jnp.int32)
+    return probs, san_lib.class_argmax(probs)
 
   def segment(self, image: np.ndarray, vocabulary: Sequence[str],
               output_hw: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -191,7 +191,7 @@ class Segmenter:
 
     def one(args):
       lg, pr, r, c = args
-      return jnp.argmax(san_lib.semantic_probs(lg, pr, padded_hw, r, c), axis=0).astype(jnp.int32)
+      return san_lib.class_argmax(san_lib.semantic_probs(lg, pr, padded_hw, r, c))
 
     split = lambda x: x.reshape((n, b // n) + x.shape[1:])
     labels = jax.vmap(lambda xs: jax.lax.map(one, xs))(tuple(map(split, (logits, preds, rows, cols))))
@@ -236,7 +236,7 @@ class Segmenter:
 
   def _finish_impl(self, probs_sum, count, gt, num_classes: int, ignore: int):
     probs = probs_sum / count
-    labels = jnp.argmax(probs, axis=0).astype(jnp.int32)
+    labels = san_lib.class_argmax(probs)
     conf = None if gt is None else sem_seg.confusion_matrix(labels, gt, num_classes, ignore)
     return probs, labels, conf
 
