@@ -13,7 +13,8 @@ CASES = [  # (in_hw, size or None, scale or None)
     ((14, 14), (10, 11), None), ((7, 9), (7, 9), None), ((33, 45), (5, 3), None),
     ((320, 352), None, 0.5), ((320, 352), None, 0.7), ((97, 131), None, 0.7), ((61, 83), None, 0.5),
     ((11, 13), None, 1.7),
-    ((16, 12), (64, 48), None), ((5, 7), None, 3.0), ((160, 40), (640, 160), None),  # integer upscales
+    ((16, 12), (64, 48), None), ((5, 7), None, 3.0), ((160, 40), (640, 160), None),  # integer upscales,
+    ((64, 96), None, 2.0), ((70, 65), (280, 130), None),  # the last three with n >= PHASES_MIN_INPUT taps
 ]
 
 
@@ -67,6 +68,7 @@ def test_integer_upscales_are_taps_on_shifted_copies_not_a_matmul():
   k, phases = resize.upsample_phases(resize.interpolation_matrix(160, 640, "bilinear"))
   assert k == 4 and [len(t) for t in phases] == [2, 2, 2, 2]
   assert resize.upsample_phases(resize.interpolation_matrix(40, 20, "bilinear")) is None
+  assert resize.upsample_phases(resize.interpolation_matrix(20, 40, "bilinear")) is None  # small: the matmul
   assert resize.upsample_phases(resize.interpolation_matrix(11, 18, "bilinear", 1.7)) is None
   import jax
   x = jnp.zeros((3, 160, 160), jnp.float32)

@@ -128,8 +128,14 @@ def output_size_for_scale(size: int, scale_factor: float) -> int:
 _LETTERS = "abcdefghijklmnpqrstuvwxyz"  # "o" is kept for the output axis
 
 
+# Below this input size a dense row costs fewer than 64 multiply-adds per output and the matmul is as cheap
+# as the taps; keeping it there also keeps every small in-model resize (the side ViT's fusion of CLIP
+# features, positional embeddings) computing exactly what it did before the taps existed.
+PHASES_MIN_INPUT = 64
+
+
 def upsample_phases(mat: np.ndarray) -> Optional[Tuple[int, Tuple[Tuple[Tuple[int, float], ...], ...]]]:
-  """When `mat` [k * n, n] (an integer upscale, k >= 2) is the same few taps in every period of k output
+  """When `mat` [k * n, n] (an integer upscale, k >= 2, n >= PHASES_MIN_INPUT) is the same few taps in every period of k output
   rows -- output k j + r = sum_t w_rt x[clip(j + d_rt, 0, n - 1)] -- returns (k, per phase r the taps
   ((d, w), ...)); else None. Checked against the whole matrix on the host, edge rows included.
 
@@ -138,7 +144,7 @@ def upsample_phases(mat: np.ndarray) -> Optional[Tuple[int, Tuple[Tuple[Tuple[in
   copies of the input that XLA fuses into one elementwise pass."""
   out_size, n = mat.shape
   k = out_size // n if n else 0
-  if k < 2 or out_size != k * n or n < 3:
+  if k < 2 or out_size != k * n or n < PHASES_MIN_INPUT:
     return None
   j = n // 2
   phases = []
