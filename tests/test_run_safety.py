@@ -477,3 +477,30 @@ def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path):
   res = _train("gs://bucket/run", "--config.train.steps=1")
   assert res.returncode == 1 and "train.py: --workdir=gs://bucket/run is a URL" in res.stderr, res.stderr[-2000:]
   assert not (REPO / "gs:").exists()
+
+
+def test_config_json_is_never_seen_half_written(tmp_path):
+  """Process 0 rewrites config.json at every start while the other processes read it (a CI run of the
+  multi-process resume once read it empty): a reader racing 300 rewrites only ever sees a whole file."""
+  import threading
+  big = {"model": {f"key_{i}": list(range(50)) for i in range(200)}}  # ~100 KB: many write() calls
+  workdir_lib.write_config(tmp_path, big)
+  seen, stop = [], threading.Event()
+
+  def reader():
+    while not stop.is_set():
+      try:
+        seen.append(workdir_lib.read_config(tmp_path) == big)
+      except workdir_lib.WorkdirError:
+        seen.append(False)
+
+  t = threading.Thread(target=reader)
+  t.start()
+  try:
+    for _ in range(300):
+      workdir_lib.write_config(tmp_path, big)
+  finally:
+    stop.set()
+    t.join()
+  assert seen and all(seen), f"{seen.count(False)} of {len(seen)} reads saw a partial config.json"
+  assert sorted(p.name for p in tmp_path.iterdir()) == [workdir_lib.CONFIG_NAME]  # no temporary left

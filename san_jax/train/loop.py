@@ -220,7 +220,7 @@ def train(cfg, workdir: str) -> Dict[str, Any]:
     lock.release()
     raise
   if is_main:
-    (workdir / "config.json").write_text(json.dumps(run_config, indent=1))
+    workdir_lib.write_config(workdir, run_config)
 
   source = make_source(cfg.data, cfg.data.train_split)
   names = class_names(source, cfg.data)

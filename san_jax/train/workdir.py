@@ -161,6 +161,21 @@ def read_config(workdir: os.PathLike) -> Optional[Dict[str, Any]]:
                        "Fix or move it, or pass --config.train.fresh=True to set this workdir's run aside") from None
 
 
+def write_config(workdir: os.PathLike, run_config: Dict[str, Any]) -> None:
+  """Writes WORKDIR/config.json atomically (a temporary file, then os.replace): the other processes of a
+  multi-host run read it while the main process rewrites it at every start, and a plain write let one of
+  them read it half-written (a CI run: "config.json is unreadable (JSONDecodeError ...)" on a resume)."""
+  write_atomic(Path(workdir) / CONFIG_NAME, json.dumps(run_config, indent=1))
+
+
+def write_atomic(path: os.PathLike, text: str) -> None:
+  """`path` holds either its old content or all of `text`, never a part (same-directory os.replace)."""
+  path = Path(path)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
 # ---- setting files aside ------------------------------------------------------------------------------
 def set_aside(workdir: os.PathLike, paths: Iterable[os.PathLike], why: str) -> Optional[Path]:
   """Moves `paths` (inside workdir) into WORKDIR/set_aside/<UTC time>/, keeping their relative paths;
@@ -206,8 +221,6 @@ def truncate_metrics(workdir: os.PathLike, step: int) -> int:
     else:
       dropped += 1
   if dropped:
-    tmp = path.with_name(METRICS_NAME + ".tmp")
-    tmp.write_text("".join(l + "\n" for l in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(l + "\n" for l in kept))
     log.info("metrics.jsonl: dropped %d rows after step %d (they are logged again by this run)", dropped, step)
   return dropped
