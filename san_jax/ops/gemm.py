@@ -31,9 +31,9 @@ q, k and v back to the module's dtype for its products.
 head at a time through all keys in 128-key blocks with a running-max softmax, bf16 VDPBF16PS products
 and float32 logits that never leave the tile. `layers.attention` uses it for bf16 attention without a
 bias (the side ViT's and CLIP's blocks) on such a CPU for inference; under a gradient it takes the unfused
-path (`layers._fused_forward`). Measured on the 2-core AMD EPYC (2026-12-04): the side ViT's eight blocks
-at 1,700 tokens in bf16 took 0.29 s with the two products as GEMM custom calls and an XLA softmax between
-them (~80% of it attention), 0.19 s fused.
+path (`layers._fused_forward`). Why: profiled on a 2-core AMD EPYC (2026-12-04), ~80% of the side ViT's
+bf16 forward at 1,700 tokens was attention when its two products were GEMM custom calls with an XLA
+softmax and bf16 conversions between them (`python -m benchmarks` gives the same-run ratios to torch).
 
 `availability()` says which path runs and why.
 """
