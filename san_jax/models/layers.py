@@ -312,7 +312,7 @@ def _fused_forward(unfused: Callable) -> Callable:
   logits never leave 16 x 128 tiles), differentiated as `unfused`: under a gradient the forward is
   `unfused`'s, whose saved probabilities feed its own backward, so training computes exactly what it did
   without the fused kernel (a backward from the fused kernel's log-sum-exp would recompute the logits and
-  their exp, measured slower on the side ViT's train step); inference runs the fused kernel alone."""
+  their exp, and measured no faster on the side ViT's train step); inference runs the fused kernel alone."""
   @jax.custom_vjp
   def fused(q, k, v):
     return gemm.fused_attention(q, k, v)[0]
