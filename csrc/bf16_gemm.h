@@ -1,4 +1,6 @@
-// bf16 x bf16 -> f32 GEMM on AVX512-BF16 (VDPBF16PS); implementation in bf16_gemm.cc.
+// san-jax's native CPU kernels (libsan_native.so): the bf16 x bf16 -> f32 GEMM on AVX512-BF16 (VDPBF16PS,
+// bf16_gemm.cc), the fused bf16 attention (bf16_attention.cc) and the fused float32 attention
+// (f32_attention.cc).
 #pragma once
 #include <cstdint>
 extern "C" {
@@ -19,6 +21,12 @@ void san_parallel_run(int64_t items, void (*fn)(void*, int), void* arg);
 // Returns 0, or 1 for an unsupported shape, 2 for a CPU without AVX512-BF16.
 int san_bf16_attention(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D, const uint16_t* q,
                        const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse);
+// Fused attention in float32 (f32_attention.cc), same layout as san_bf16_attention, on AVX2 + FMA or
+// AVX-512F. Returns 0, or 1 for an unsupported shape, 2 for a CPU without AVX2 + FMA.
+int san_f32_attention(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D, const float* q, const float* k,
+                      const float* v, float* out, float* lse);
+// Which kernel san_f32_attention runs: 2 AVX-512F, 1 AVX2 + FMA, 0 none (checked at run time).
+int san_f32_attention_isa();
 void san_bf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int trans_a,
                    const uint16_t* B, int trans_b, float* C, int num_threads);
 }

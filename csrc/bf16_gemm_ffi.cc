@@ -9,6 +9,8 @@
 // san_jax/ops/gemm.py:
 //   q: bf16 [B, Lq, H, D] (already scaled), k, v: bf16 [B, Lk, H, D]
 //   out: bf16 [B, Lq, H, D], lse: f32 [B, H, Lq]; D <= 128, Lk >= 1
+// XLA FFI handler "san_f32_attention": the same in float32 (csrc/f32_attention.cc, AVX2 + FMA or AVX-512F):
+//   q: f32 [B, Lq, H, D] (already scaled), k, v: f32 [B, Lk, H, D]; out: f32 [B, Lq, H, D], lse: f32 [B, H, Lq]
 // Shapes are checked here too (Python checks them before tracing): a mismatch is an InvalidArgument error
 // naming both shapes, never a read out of bounds.
 #include <cstdint>
@@ -53,12 +55,11 @@ ffi::Error Bf16Gemm(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::Res
   return ffi::Error::Success();
 }
 
-ffi::Error Bf16Attention(ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
-                         ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> lse) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), od = out->dimensions(),
-       ld = lse->dimensions();
+// The shape checks of both fused attentions: q, k, v, out [B, L, H, D], lse [B, H, Lq], D <= 128, Lk >= 1.
+using Dims = ffi::Span<const int64_t>;
+ffi::Error CheckAttention(const char* name, Dims qd, Dims kd, Dims vd, Dims od, Dims ld) {
   auto bad = [&](const char* why) {
-    return ffi::Error::InvalidArgument(std::string("san_bf16_attention: ") + why + ": q " + ShapeString(qd) +
+    return ffi::Error::InvalidArgument(std::string(name) + ": " + why + ": q " + ShapeString(qd) +
                                        ", k " + ShapeString(kd) + ", v " + ShapeString(vd) + ", out " +
                                        ShapeString(od) + ", lse " + ShapeString(ld));
   };
@@ -72,10 +73,32 @@ ffi::Error Bf16Attention(ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k, ffi
     if (od[i] != qd[i]) return bad("out is not q's shape");
   if (ld[0] != B || ld[1] != H || ld[2] != Lq) return bad("lse is not [B, H, Lq]");
   if (D > 128 || Lk < 1) return bad("the kernel takes head dims <= 128 and at least one key");
-  const int rc = san_bf16_attention(B, Lq, Lk, H, D, q.typed_data(), k.typed_data(), v.typed_data(),
-                                    out->typed_data(), lse->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Bf16Attention(ffi::Buffer<ffi::BF16> q, ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                         ffi::ResultBuffer<ffi::BF16> out, ffi::ResultBuffer<ffi::F32> lse) {
+  ffi::Error err = CheckAttention("san_bf16_attention", q.dimensions(), k.dimensions(), v.dimensions(),
+                                  out->dimensions(), lse->dimensions());
+  if (err.failure()) return err;
+  auto qd = q.dimensions();
+  const int rc = san_bf16_attention(qd[0], qd[1], k.dimensions()[1], qd[2], qd[3], q.typed_data(),
+                                    k.typed_data(), v.typed_data(), out->typed_data(), lse->typed_data());
   if (rc == 2) return ffi::Error::Internal("san_bf16_attention: this CPU lacks AVX512-BF16");
-  if (rc != 0) return bad("unsupported shape");
+  if (rc != 0) return ffi::Error::InvalidArgument("san_bf16_attention: unsupported shape");
+  return ffi::Error::Success();
+}
+
+ffi::Error F32Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                        ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  ffi::Error err = CheckAttention("san_f32_attention", q.dimensions(), k.dimensions(), v.dimensions(),
+                                  out->dimensions(), lse->dimensions());
+  if (err.failure()) return err;
+  auto qd = q.dimensions();
+  const int rc = san_f32_attention(qd[0], qd[1], k.dimensions()[1], qd[2], qd[3], q.typed_data(),
+                                   k.typed_data(), v.typed_data(), out->typed_data(), lse->typed_data());
+  if (rc == 2) return ffi::Error::Internal("san_f32_attention: this CPU lacks AVX2 + FMA");
+  if (rc != 0) return ffi::Error::InvalidArgument("san_f32_attention: unsupported shape");
   return ffi::Error::Success();
 }
 
@@ -87,6 +110,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SanBf16Attention, Bf16Attention,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SanF32Attention, F32Attention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SanBf16Gemm, Bf16Gemm,

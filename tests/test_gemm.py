@@ -122,7 +122,7 @@ def test_linear_product_and_gradients_use_the_custom_call_within_bf16_rounding()
 
 def test_fallback_is_xla_dot_bit_for_bit(monkeypatch):
   """Where the custom call does not apply, dot_general is lax.dot_general itself: float32, other contractions,
-  SAN_JAX_BF16_GEMM=0, a missing library, and (by lax.platform_dependent) a program lowered for a GPU."""
+  SAN_JAX_NATIVE=0, a missing library, and (by lax.platform_dependent) a program lowered for a GPU."""
   rng = np.random.default_rng(3)
   x, w = _bf16(rng, (33, 64)), _bf16(rng, (64, 40))
   f = lambda x, w: gemm.dot_general(x, w, DN)
@@ -138,7 +138,7 @@ def test_fallback_is_xla_dot_bit_for_bit(monkeypatch):
   assert "san_bf16_gemm" not in gpu.mlir_module()
 
   monkeypatch.setenv(gemm.ENV_VAR, "0")
-  assert gemm.availability() == (False, "disabled by SAN_JAX_BF16_GEMM=0")
+  assert gemm.availability() == (False, "disabled by SAN_JAX_NATIVE=0")
   assert not _uses_custom_call(f, x, w)
   np.testing.assert_array_equal(_jit(f)(x, w), _jit(xla)(x, w))
   monkeypatch.delenv(gemm.ENV_VAR)
@@ -291,7 +291,7 @@ def test_fused_attention_gradients_are_the_unfused_paths_bit_for_bit(monkeypatch
 
 @needs_kernel
 def test_fused_attention_only_where_it_applies():
-  """Not for float32 (the parity path), with an additive bias, a head dim above the kernel's 128, under
+  """Not for float32 (that is csrc/f32_attention.cc's, tests/test_f32_attention.py), with an additive bias, a head dim above the kernel's 128, under
   gemm.xla_only() (exports), under activation_sharding (a partitioned step), or in a program lowered for a
   GPU (lax.platform_dependent gives it the unfused path)."""
   rng = np.random.default_rng(9)
@@ -312,8 +312,8 @@ def test_fused_attention_only_where_it_applies():
 
 
 def test_fused_attention_rejects_what_it_cannot_take():
-  with pytest.raises(ValueError, match=r"fused_attention does not apply to q \(1, 4, 2, 8\) float32"):
-    gemm.fused_attention(*(jnp.zeros((1, 4, 2, 8)) for _ in range(3)))
+  with pytest.raises(ValueError, match=r"fused_attention does not apply to q \(1, 4, 2, 8\) float16"):
+    gemm.fused_attention(*(jnp.zeros((1, 4, 2, 8), jnp.float16) for _ in range(3)))
   bf = lambda *s: jnp.zeros(s, jnp.bfloat16)
   with pytest.raises(ValueError, match=r"k \(1, 5, 2, 8\) bfloat16, v \(1, 6, 2, 8\)"):
     gemm.fused_attention(bf(1, 4, 2, 8), bf(1, 5, 2, 8), bf(1, 6, 2, 8))

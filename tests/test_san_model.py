@@ -214,7 +214,7 @@ def test_unpadded_input_smaller_than_a_patch_is_an_error():
 @pytest.mark.parametrize("bf16_gemm", ["custom_call", "xla"])
 def test_bfloat16_compute_stays_close_to_the_float32_reference(bf16_gemm, monkeypatch):
   """bf16 compute (float32 parameters), on both CPU paths: the AVX512-BF16 custom call (bf16 operands,
-  float32 activations: ops/gemm.py) and XLA's bf16 dots (SAN_JAX_BF16_GEMM=0, bf16 activations). Measured
+  float32 activations: ops/gemm.py) and XLA's bf16 dots (SAN_JAX_NATIVE=0, bf16 activations). Measured
   gaps on tiny_b16 (2026-12-03): XLA's path 1.0-1.7% of each array's scale for activations and logits,
   2.6-3.1% for the class probabilities; the custom call's 0.5-0.8% and 1.8-3.7%. The bounds are the
   tolerance we accept for bf16 (an 8-bit mantissa rounds at 0.4% per op).

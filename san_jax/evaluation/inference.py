@@ -155,8 +155,7 @@ class Segmenter:
 
   # -- the reference single-image path ---------------------------------------------------------------------
   def _forward_impl(self, state, batch, class_emb, image_hw: Tuple[int, int], output_hw: Tuple[int, int]):
-    model = nnx.merge(self.graphdef, state)
-    out = model(batch, class_emb)
+    out = self._model_call(state, batch, class_emb)
     probs = san_lib.semantic_inference(out["mask_logits"][0, -1], out["mask_preds"][0, -1],
                                        tuple(batch.shape[1:3]), image_hw, output_hw)
     return probs, san_lib.class_argmax(probs)
@@ -176,9 +175,14 @@ class Segmenter:
   # -- jitted canvas programs ------------------------------------------------------------------------------
   def _outputs(self, state, images, image_sizes, class_emb):
     """uint8 canvases [B, H, W, 3] + content sizes -> last mask logits [B, Q, C+1] and masks [B, Q, h, w]."""
-    model = nnx.merge(self.graphdef, state)
-    out = model(san_lib.normalize_on_device(images, image_sizes, self.cfg), class_emb)
+    out = self._model_call(state, san_lib.normalize_on_device(images, image_sizes, self.cfg), class_emb)
     return out["mask_logits"][:, -1], out["mask_preds"][:, -1]
+
+  def _model_call(self, state, images, class_emb):
+    """The model on normalised images, traced under this Segmenter's mesh: over several devices the batch is
+    split by XLA, and the model then keeps XLA's ops instead of the CPU custom calls (`layers._xla_partitions`)."""
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+      return nnx.merge(self.graphdef, state)(images, class_emb)
 
   def _batch_labels_impl(self, state, images, image_sizes, rows, cols, class_emb, gt, num_classes: int,
                          ignore: int):

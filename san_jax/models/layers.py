@@ -44,10 +44,15 @@ def linear(in_features: int, out_features: int, axes: Sequence[Optional[str]], *
 
 
 def _xla_partitions() -> bool:
-  """Whether the program being traced is one XLA partitions over a mesh (`activation_sharding` outside
-  shard_map). There a custom call, having no sharding rule, would make XLA gather its operands, so the
-  products below keep XLA's dot."""
-  return bool(_RESOLVERS) and not jax.sharding.get_abstract_mesh().manual_axes
+  """Whether the program being traced is one XLA partitions over several devices: a step traced under
+  `activation_sharding`, or any program traced under a multi-device mesh (`jax.set_mesh`,
+  `jax.sharding.use_abstract_mesh`: the Segmenter's batch-sharded programs), outside shard_map. There a
+  custom call, having no sharding rule, would make XLA gather its operands and run it whole on every device,
+  so products and attention keep XLA's ops."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.manual_axes:
+    return False
+  return bool(_RESOLVERS) or (not mesh.empty and mesh.size > 1)
 
 
 def _dot_general(*args, **kwargs) -> jax.Array:
@@ -196,9 +201,9 @@ def attention_impl(requested: str, dtype, head_dim: int, has_bias: bool, backend
   "auto" (the models' default) is "cudnn" on a GPU backend (`jax.default_backend()` at trace time unless
   `backend` is given) for bfloat16/float16 q/k/v, a head dim cuDNN takes and no additive bias (the only
   biased callers are the CLIP text tower's causal mask, run once per vocabulary; the recognition head's
-  biased SOS attention is its own two-part softmax in rec_head.py); everywhere else "exact", so CPU results
-  (and every parity test) are those of the code below, bit for bit. An explicit "cudnn" that cannot apply
-  raises here, before tracing, instead of deep inside jax.
+  biased SOS attention is its own two-part softmax in rec_head.py); everywhere else "exact" (on a CPU,
+  `attention`'s fused kernels where they apply, within float32 rounding of its unfused code). An explicit
+  "cudnn" that cannot apply raises here, before tracing, instead of deep inside jax.
   """
   check_attention_impl(requested)
   if requested in ("exact", "xla"):
@@ -250,8 +255,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
   (the side ViT's ~1,700 tokens). "xla" and "cudnn" are jax.nn.dot_product_attention (scale applied to the
   float32 logits; cuDNN's flash kernel never materialises the logits, so `query_chunk` does not apply).
   `dtype` (the calling module's compute dtype) casts q, k, v first: a bf16 Linear on a CPU returns its
-  float32 sums (ops/gemm.py), and the products here take bf16 again. bf16 without a bias on a CPU with
-  AVX512-BF16 runs as one fused custom call (`gemm.fused_attention`), differentiated as the exact path.
+  float32 sums (ops/gemm.py), and the products here take bf16 again. Without a bias on a CPU (float32 with
+  AVX2 + FMA, bf16 with AVX512-BF16) the exact path runs as one fused custom call (`gemm.fused_attention`:
+  the same products and softmax in another summation order, within float32 rounding of the code below),
+  differentiated as the code below; under a gradient its forward is the code below too.
   """
   if dtype is not None:
     q, k, v = (t.astype(dtype) for t in (q, k, v))
@@ -308,11 +315,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
 
 
 def _fused_forward(unfused: Callable) -> Callable:
-  """(q, k, v) -> attention by the fused CPU custom call (ops/gemm.py `fused_attention`: bf16, no bias; its
-  logits never leave 16 x 128 tiles), differentiated as `unfused`: under a gradient the forward is
-  `unfused`'s, whose saved probabilities feed its own backward, so training computes exactly what it did
+  """(q, k, v) -> attention by a fused CPU custom call (ops/gemm.py `fused_attention`: float32, or bf16;
+  no bias; its logits never leave 16-query tiles), differentiated as `unfused`: under a gradient the forward
+  is `unfused`'s, whose saved probabilities feed its own backward, so training computes exactly what it did
   without the fused kernel (a backward from the fused kernel's log-sum-exp would recompute the logits and
-  their exp, and measured no faster on the side ViT's train step); inference runs the fused kernel alone."""
+  their exp, and measured no faster on the side ViT's bf16 train step); inference runs the fused kernel
+  alone."""
   @jax.custom_vjp
   def fused(q, k, v):
     return gemm.fused_attention(q, k, v)[0]

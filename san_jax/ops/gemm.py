@@ -45,39 +45,61 @@ import ctypes
 import functools
 import os
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-ENV_VAR = "SAN_JAX_BF16_GEMM"  # "0" forces XLA's dot everywhere
-LIBRARY = Path(__file__).with_name("_native") / "libsan_bf16_gemm.so"
+ENV_VAR = "SAN_JAX_NATIVE"  # "0" puts everything back on XLA: dots and attention
+LIBRARY = Path(__file__).with_name("_native") / "libsan_native.so"
 _TARGET = "san_bf16_gemm"
 _ATTENTION_TARGET = "san_bf16_attention"
-ATTENTION_MAX_HEAD_DIM = 128  # the fused kernel's limit (csrc/bf16_attention.cc)
+_F32_ATTENTION_TARGET = "san_f32_attention"
+ATTENTION_MAX_HEAD_DIM = 128  # the fused kernels' limit (csrc/bf16_attention.cc, csrc/f32_attention.cc)
 _BF16 = jnp.dtype(jnp.bfloat16)
+_F32 = jnp.dtype(jnp.float32)
+
 
 @functools.lru_cache(maxsize=None)
-def _load() -> Tuple[bool, str]:
+def _load() -> Tuple[Optional[ctypes.CDLL], str]:
+  """(the library with its XLA targets registered, "") or (None, why not). Registering a target is harmless
+  on a CPU that lacks its instructions: each kernel's availability is asked separately before a call."""
   if not LIBRARY.exists():
-    return False, f"{LIBRARY} is not built (scripts/setup.sh builds it with g++)"
+    return None, f"{LIBRARY} is not built (scripts/setup.sh builds it with g++)"
   try:
     lib = ctypes.CDLL(str(LIBRARY))
   except OSError as e:
-    return False, f"{LIBRARY} does not load: {e}"
-  if not lib.san_bf16_gemm_supported():
-    return False, "this CPU lacks AVX512-BF16 (avx512f/bw/vl + avx512_bf16)"
-  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.SanBf16Gemm), platform="cpu")
-  jax.ffi.register_ffi_target(_ATTENTION_TARGET, jax.ffi.pycapsule(lib.SanBf16Attention), platform="cpu")
-  return True, f"AVX512-BF16 GEMM and fused attention ({LIBRARY.name})"
+    return None, f"{LIBRARY} does not load: {e}"
+  for target, symbol in ((_TARGET, "SanBf16Gemm"), (_ATTENTION_TARGET, "SanBf16Attention"),
+                         (_F32_ATTENTION_TARGET, "SanF32Attention")):
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  return lib, ""
 
 
 def availability() -> Tuple[bool, str]:
-  """(whether bfloat16 Linear products on a CPU use the custom call, why / which)."""
+  """(whether bfloat16 Linear products and attention on a CPU use the custom calls, why / which)."""
   if os.environ.get(ENV_VAR, "1") == "0":
     return False, f"disabled by {ENV_VAR}=0"
-  return _load()
+  lib, why = _load()
+  if lib is None:
+    return False, why
+  if not lib.san_bf16_gemm_supported():
+    return False, "this CPU lacks AVX512-BF16 (avx512f/bw/vl + avx512_bf16)"
+  return True, f"AVX512-BF16 GEMM and fused attention ({LIBRARY.name})"
+
+
+def f32_attention_availability() -> Tuple[bool, str]:
+  """(whether float32 attention without a bias on a CPU runs as the fused custom call, why / which)."""
+  if os.environ.get(ENV_VAR, "1") == "0":
+    return False, f"disabled by {ENV_VAR}=0"
+  lib, why = _load()
+  if lib is None:
+    return False, why
+  isa = lib.san_f32_attention_isa()
+  if not isa:
+    return False, "this CPU lacks AVX2 + FMA"
+  return True, f"fused float32 attention on {'AVX-512F' if isa == 2 else 'AVX2 + FMA'} ({LIBRARY.name})"
 
 
 def gemm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
@@ -94,7 +116,7 @@ def gemm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = Fals
   kb, n = (b.shape[-1], b.shape[-2]) if trans_b else b.shape[-2:]
   if ka != kb:
     raise ValueError(f"gemm: contracted dims differ: a {a.shape} (trans_a={trans_a}), b {b.shape} (trans_b={trans_b})")
-  ok, why = _load()
+  ok, why = availability()
   if not ok:
     raise RuntimeError(f"gemm: the AVX512-BF16 custom call is unavailable: {why}")
   out = jax.ShapeDtypeStruct(a.shape[:-2] + (m, n), jnp.float32)
@@ -129,29 +151,38 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> Tuple[jax.Array, jax.Array]:
-  """softmax(q k^T) v by the fused custom call (CPU only; `attention_applies` first), not differentiable
+  """softmax(q k^T) v by a fused custom call (CPU only; `attention_applies` first), not differentiable
   (`layers.attention` gives it the unfused path's gradient).
 
-  q: bf16 [B, Lq, H, D], already scaled; k, v: bf16 [B, Lk, H, D]. Returns (out bf16 [B, Lq, H, D],
-  lse float32 [B, H, Lq], the log-sum-exp of each query's logits). The [Lq, Lk] logits exist only 16
-  queries x 128 keys at a time, in float32; the weights are rounded to bf16 for the products with v, as in
-  `layers.attention`'s unfused path.
+  q: [B, Lq, H, D], already scaled; k, v: [B, Lk, H, D]; all bfloat16 (csrc/bf16_attention.cc) or all float32
+  (csrc/f32_attention.cc). Returns (out [B, Lq, H, D] in q's dtype, lse float32 [B, H, Lq], the log-sum-exp of
+  each query's logits). The [Lq, Lk] logits exist only 16 queries x one key block at a time, in float32; in
+  bf16 the weights are rounded to bf16 for the products with v, as in `layers.attention`'s unfused path.
   """
   if not attention_applies(q, k, v):
     raise ValueError(f"fused_attention does not apply to q {q.shape} {q.dtype}, k {k.shape} {k.dtype}, "
-                     f"v {v.shape} {v.dtype} (bf16 [B, L, H, D <= {ATTENTION_MAX_HEAD_DIM}], the library built)")
+                     f"v {v.shape} {v.dtype} (all bf16 or all float32 [B, L, H, D <= {ATTENTION_MAX_HEAD_DIM}], "
+                     "the library built for this CPU)")
   b, lq, h, d = q.shape
-  out = (jax.ShapeDtypeStruct(q.shape, _BF16), jax.ShapeDtypeStruct((b, h, lq), jnp.float32))
-  return jax.ffi.ffi_call(_ATTENTION_TARGET, out, vmap_method="sequential")(q, k, v)
+  target = _ATTENTION_TARGET if jnp.dtype(q.dtype) == _BF16 else _F32_ATTENTION_TARGET
+  out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32))
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(q, k, v)
 
 
 def attention_applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
-  """Whether `fused_attention` can take these operands: `applies`, rank 4 [B, L, H, D] with equal B, H, D, k and
-  v of one length >= 1, D <= ATTENTION_MAX_HEAD_DIM."""
-  return (applies(q, k, v) and q.ndim == k.ndim == v.ndim == 4 and k.shape == v.shape
+  """Whether `fused_attention` can take these operands: all bfloat16 where `applies`, or all float32 where
+  `f32_attention_availability` (and not under `xla_only`, the default backend a CPU); rank 4 [B, L, H, D]
+  with equal B, H, D, k and v of one length >= 1, D <= ATTENTION_MAX_HEAD_DIM."""
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  if dtypes == {_BF16}:
+    available = applies(q, k, v)
+  elif dtypes == {_F32}:
+    available = _native_applies(f32_attention_availability, (q, k, v))
+  else:
+    return False
+  return (available and q.ndim == k.ndim == v.ndim == 4 and k.shape == v.shape
           and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:] and k.shape[1] >= 1
           and q.shape[3] <= ATTENTION_MAX_HEAD_DIM)
-
 
 
 def _is_linear(lhs, rhs, dimension_numbers) -> bool:
@@ -178,8 +209,12 @@ def applies(*operands: jax.Array) -> bool:
   """Whether products of these operands go to the custom call: all bfloat16, non-empty, the library
   available and the default backend a CPU (where a program is lowered for another platform as well,
   `lax.platform_dependent` still gives that platform XLA's dot)."""
-  return (not _XLA_ONLY and all(jnp.dtype(x.dtype) == _BF16 and x.size for x in operands)
-          and jax.default_backend() == "cpu" and availability()[0])
+  return all(jnp.dtype(x.dtype) == _BF16 for x in operands) and _native_applies(availability, operands)
+
+
+def _native_applies(available, operands) -> bool:
+  return (not _XLA_ONLY and all(x.size for x in operands) and jax.default_backend() == "cpu"
+          and available()[0])
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
