@@ -11,7 +11,8 @@ Rows (inference unless marked train):
                    AVX512-BF16 custom call in bfloat16 where it is available, XLA's dot otherwise; vs torch's @)
   clip_tower       CLIP B/16 image tower at 320x320 (SAN's CLIP input) vs open_clip's visual
   side_vit         the side ViT's 8 blocks on 100 query + 1600 patch tokens vs timm VisionTransformer blocks
-                   of the same geometry (width 240, 6 heads)
+                   of the same geometry (width 240, 6 heads; timm's attention is torch's fused
+                   scaled_dot_product_attention, san-jax's the fused custom call where it applies)
   rec_blocks       the recognition blocks 9-11 with the attention bias of 100 queries vs open_clip's blocks
                    with the official (Q+1+L)^2 `attn_mask` per head, ln_post, proj, normalise
   postprocess      semantic post-processing: 100 masks 160x160 -> 640x640, 150 classes, label argmax, vs the
@@ -71,7 +72,30 @@ def machine_info() -> Dict[str, object]:
           "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "jax": jax.__version__,
           # XLA:CPU runs its intra-op work on one thread per core the process may use; XLA_FLAGS can change it
           "xla_threads": cores, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "jax_device": str(jax.devices()[0]), "bf16_gemm": gemm.availability()[1]}
+          "jax_device": str(jax.devices()[0]), "bf16_gemm": gemm.availability()[1],
+          "f32_attention": gemm.f32_attention_availability()[1], "torch_matmul_gflops": torch_matmul_rates()}
+
+
+def torch_matmul_rates(n: int = 512, runs: int = 3) -> Dict[str, float]:
+  """torch's n^3 matmul rate in float32 and under bf16 autocast (GFLOP/s, best of `runs`): whether autocast
+  is a best mode on this CPU at all (with AMX or AVX512-BF16 oneDNN runs bf16 natively; without, e.g. on a
+  Zen 3 without AVX-512, it measured ~0.3 GFLOP/s against ~150 in float32, so bf16 rows take hours there)."""
+  import time
+  import torch
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  rates = {}
+  for name in ("float32", "bfloat16"):
+    best = float("inf")
+    for _ in range(runs + 1):
+      t = time.perf_counter()
+      if name == "bfloat16":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+          a @ b
+      else:
+        a @ b
+      best = min(best, time.perf_counter() - t)
+    rates[name] = 2 * n ** 3 / best / 1e9
+  return rates
 
 
 # ---- models with the same weights -------------------------------------------------------------------
@@ -331,7 +355,9 @@ def format_table(info: Dict[str, object], rows: Sequence[Dict[str, object]]) -> 
   head = (f"CPU: {info['cpu']}, {info['cores']} cores, flags {' '.join(info['cpu_flags']) or '(none of interest)'}; "
           f"torch {info['torch']} with {info['torch_threads']} threads; jax {info['jax']} on {info['jax_device']}, "
           f"XLA {info['xla_threads']} threads" + (f", XLA_FLAGS={info['xla_flags']}" if info["xla_flags"] else "")
-          + f"; san-jax bf16 products: {info.get('bf16_gemm', '-')}. Medians of {rows[0]['runs'] if rows else '-'} alternating calls, same run.")
+          + f"; san-jax bf16 products: {info.get('bf16_gemm', '-')}; float32 attention: {info.get('f32_attention', '-')}"
+          + "".join(f"; torch 512^3 matmul {k} {v:.1f} GFLOP/s" for k, v in info.get("torch_matmul_gflops", {}).items())
+          + f". Medians of {rows[0]['runs'] if rows else '-'} alternating calls, same run.")
   lines = [head, "", "| part | dtype | san-jax s | PyTorch s | PyTorch / san-jax | max abs diff (of max abs) |",
            "|---|---|---|---|---|---|"]
   for r in rows:

@@ -47,9 +47,11 @@ def test_cpu_default_is_the_exact_path_bit_for_bit(dtype):
   assert np.array_equal(np.asarray(auto(q, k, v)), np.asarray(exact(q, k, v)))
   assert not np.array_equal(np.asarray(xla(q, k, v)), np.asarray(exact(q, k, v)))
   hlo = auto.lower(q, k, v).compile().as_text()
-  # the only custom calls allowed are the bf16 GEMM and fused attention of ops/gemm.py (CPUs with AVX512-BF16)
+  # the only custom calls allowed are ops/gemm.py's: the bf16 GEMM and fused attention (CPUs with
+  # AVX512-BF16), the fused float32 attention (AVX2 + FMA)
   assert "cudnn" not in hlo.lower()
-  assert set(re.findall(r'custom_call_target="([^"]+)"', hlo)) <= {"san_bf16_gemm", "san_bf16_attention"}
+  assert set(re.findall(r'custom_call_target="([^"]+)"', hlo)) <= {"san_bf16_gemm", "san_bf16_attention",
+                                                                    "san_f32_attention"}
 
 
 def test_auto_picks_cudnn_only_where_it_applies():
