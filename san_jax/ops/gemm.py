@@ -1,11 +1,12 @@
-"""bfloat16 matmuls on the CPU's AVX512-BF16 units, through an XLA FFI custom call.
+"""san-jax's native CPU kernels as XLA FFI custom calls: bfloat16 matmuls on AVX512-BF16, fused attention in
+bfloat16 (AVX512-BF16) and in float32 (AVX2 + FMA or AVX-512F).
 
 XLA:CPU (jaxlib 0.10.2) computes a bfloat16 dot by widening to float32: measured on a 2-core AMD EPYC with
 avx512_bf16, a 2048^3 bf16 dot runs at ~260 GFLOP/s against ~390 for float32, so `compute_dtype=bfloat16`
 was slower than float32, and none of XLA's CPU options (oneDNN, XNNPACK, YNNPACK fusions, the oneDNN custom
 call) changed that (issue 15's note has the numbers). `csrc/bf16_gemm.cc` is a packed GEMM whose inner
 loop is VDPBF16PS (two bf16 products summed into a float32 lane per instruction: twice a float32 FMA's
-work), built by `scripts/setup.sh` into `san_jax/ops/_native/` with the machine's g++.
+work), built by `scripts/setup.sh` into `san_jax/ops/_native/libsan_native.so` with the machine's g++.
 
 `dot_general` is a drop-in for `lax.dot_general` that `layers.linear` hands to every `nnx.Linear`: a
 bfloat16 x bfloat16 product of the Linear pattern (x[..., K] @ W[K, N]) becomes the custom call on a CPU,
@@ -13,11 +14,12 @@ with a custom VJP whose two gradient products are custom calls too (dx = g @ W^T
 flattened to 2-D); `layers.attention` runs its two bf16 products (q k^T, weights v) through `matmul`, the
 differentiable batched form. Everything else -- float32, other contractions, other platforms (the choice is made by
 `lax.platform_dependent` at lowering), a CPU without AVX512-BF16, no built library, or
-`SAN_JAX_BF16_GEMM=0` -- keeps `lax.dot_general`, and the numbers only differ by summation order: both
+`SAN_JAX_NATIVE=0` -- keeps `lax.dot_general`, and the numbers only differ by summation order: both
 sum exact bf16 products in float32 and round the result once.
 
 A custom call has no sharding rule: in a program XLA partitions over a mesh, XLA would gather its operands.
-`layers.linear` therefore keeps XLA's dot while a step is traced under `layers.activation_sharding`.
+`layers` therefore keeps XLA's ops while a step is traced under `layers.activation_sharding` or a program
+under a multi-device mesh (the Segmenter's batch-split programs); inside shard_map the custom calls apply.
 
 Where the custom call applies, a bf16 Linear returns the float32 sums unrounded, so on a CPU
 `compute_dtype=bfloat16` means: every product's operands in bf16 (as torch's autocast rounds them), the
@@ -35,7 +37,16 @@ path (`layers._fused_forward`). Why: profiled on a 2-core AMD EPYC (2026-12-04),
 bf16 forward at 1,700 tokens was attention when its two products were GEMM custom calls with an XLA
 softmax and bf16 conversions between them (`python -m benchmarks` gives the same-run ratios to torch).
 
-`availability()` says which path runs and why.
+`fused_attention` takes float32 q/k/v too (csrc/f32_attention.cc, the same tiling with float32 products,
+written once with GCC vector extensions and built for 8- and 16-float vectors, the CPU checked at run time):
+XLA:CPU's float32 attention materialises the [heads, Lq, Lk] logits (69 MB per side-ViT block at 1,700
+tokens) and runs its softmax over them; measured on a 2-core Zen 3 (2026-12-07, AVX2) the side ViT's
+attention took 31 ms fused against 49 ms unfused. float32 is the parity precision: the fused kernel sums the
+same products in another order (tests/test_f32_attention.py bounds the difference from float64 and from the
+unfused path by float32 rounding), and the golden cases pass with it as before.
+
+`availability()` (bf16) and `f32_attention_availability()` say which path runs and why; `SAN_JAX_NATIVE=0`
+turns every kernel off.
 """
 
 from __future__ import annotations
