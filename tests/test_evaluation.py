@@ -260,3 +260,38 @@ def test_evaluate_with_tta_and_sliding_window_runs(segmenter):
   labelled = sum(int((shapes.render(i, split="val", spec=shapes.ShapesSpec(image_size=(96, 96)))["label"]
                       != 255).sum()) for i in range(2))
   assert res["confusion_matrix"][:-1, :-1].sum() == labelled
+
+
+_MESH_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from configs import tiny
+from san_jax import pretrained
+from san_jax.evaluation import inference
+from san_jax.ops import gemm
+assert gemm.f32_attention_availability()[0], gemm.f32_attention_availability()
+seg = inference.Segmenter(pretrained.model_from_params(*pretrained.quick_random_params(tiny.get_config().model)))
+images = jnp.zeros((2, 64, 64, 3), jnp.uint8)
+sizes = jnp.full((2, 2), 64, jnp.int32)
+hlo = jax.jit(seg._outputs).lower(seg.state, images, sizes, seg.embeddings(["red circle", "grass"])).as_text()
+print(len(jax.local_devices()), "san_f32_attention" in hlo)
+"""
+
+
+@pytest.mark.parametrize("devices,fused", [(1, True), (2, False)])
+def test_segmenter_uses_the_fused_attention_on_one_device_only(devices, fused):
+  """On one CPU device the Segmenter's programs run float32 attention as the fused custom call; over several
+  devices (the batch split by XLA) they keep XLA's attention: a custom call has no sharding rule, so XLA
+  would gather its operands and run it whole on every device (layers._xla_partitions)."""
+  import os
+  import subprocess
+  import sys
+  from san_jax.ops import gemm
+  if not gemm.f32_attention_availability()[0]:
+    pytest.skip(gemm.f32_attention_availability()[1])
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=repo)
+  res = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], cwd=repo, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+  assert res.stdout.split()[-2:] == [str(devices), str(fused)]

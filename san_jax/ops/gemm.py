@@ -56,7 +56,7 @@ import ctypes
 import functools
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -88,29 +88,28 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
   return lib, ""
 
 
-def availability() -> Tuple[bool, str]:
-  """(whether bfloat16 Linear products and attention on a CPU use the custom calls, why / which)."""
+def _available(kernel: Callable[[ctypes.CDLL], Tuple[bool, str]]) -> Tuple[bool, str]:
   if os.environ.get(ENV_VAR, "1") == "0":
     return False, f"disabled by {ENV_VAR}=0"
   lib, why = _load()
-  if lib is None:
-    return False, why
-  if not lib.san_bf16_gemm_supported():
-    return False, "this CPU lacks AVX512-BF16 (avx512f/bw/vl + avx512_bf16)"
-  return True, f"AVX512-BF16 GEMM and fused attention ({LIBRARY.name})"
+  return (False, why) if lib is None else kernel(lib)
+
+
+def availability() -> Tuple[bool, str]:
+  """(whether bfloat16 Linear products and attention on a CPU use the custom calls, why / which)."""
+  return _available(lambda lib: (True, f"AVX512-BF16 GEMM and fused attention ({LIBRARY.name})")
+                    if lib.san_bf16_gemm_supported() else
+                    (False, "this CPU lacks AVX512-BF16 (avx512f/bw/vl + avx512_bf16)"))
 
 
 def f32_attention_availability() -> Tuple[bool, str]:
   """(whether float32 attention without a bias on a CPU runs as the fused custom call, why / which)."""
-  if os.environ.get(ENV_VAR, "1") == "0":
-    return False, f"disabled by {ENV_VAR}=0"
-  lib, why = _load()
-  if lib is None:
-    return False, why
-  isa = lib.san_f32_attention_isa()
-  if not isa:
-    return False, "this CPU lacks AVX2 + FMA"
-  return True, f"fused float32 attention on {'AVX-512F' if isa == 2 else 'AVX2 + FMA'} ({LIBRARY.name})"
+  def kernel(lib):
+    isa = lib.san_f32_attention_isa()
+    if not isa:
+      return False, "this CPU lacks AVX2 + FMA"
+    return True, f"fused float32 attention on {'AVX-512F' if isa == 2 else 'AVX2 + FMA'} ({LIBRARY.name})"
+  return _available(kernel)
 
 
 def gemm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
