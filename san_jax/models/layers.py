@@ -318,9 +318,11 @@ def _fused_forward(unfused: Callable) -> Callable:
   """(q, k, v) -> attention by a fused CPU custom call (ops/gemm.py `fused_attention`: float32, or bf16;
   no bias; its logits never leave 16-query tiles), differentiated as `unfused`: under a gradient the forward
   is `unfused`'s, whose saved probabilities feed its own backward, so training computes exactly what it did
-  without the fused kernel (a backward from the fused kernel's log-sum-exp would recompute the logits and
-  their exp, and measured no faster on the side ViT's bf16 train step); inference runs the fused kernel
-  alone."""
+  without the fused kernel (a backward from the fused kernel's log-sum-exp recomputes the logits and their
+  exp, and measured no faster: bf16 on the side ViT's train step, a Zen 4, 2026-12-04; float32 on the whole
+  B/16 train step, a Zen 3, 2026-12-07: 5.18 s against 5.16 s); inference runs the fused kernel alone, and
+  so does the first, undifferentiated forward of a `rematerialized` block (its backward recomputes with
+  `unfused`: within float32 rounding, tests/test_remat.py)."""
   @jax.custom_vjp
   def fused(q, k, v):
     return gemm.fused_attention(q, k, v)[0]
