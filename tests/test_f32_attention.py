@@ -178,3 +178,23 @@ def test_the_kernel_rejects_mismatched_shapes_naming_them():
   with pytest.raises(Exception, match=r"san_f32_attention: k and v differ in length: q \[1, 4, 2, 8\], "
                                       r"k \[1, 5, 2, 8\], v \[1, 6, 2, 8\]"):
     jax.block_until_ready(jax.ffi.ffi_call("san_f32_attention", out)(q, k, v))
+
+
+@needs_kernel
+def test_the_kernel_stays_in_bounds_under_address_sanitizer(tmp_path):
+  """tests/native/f32_attention_asan.cc built with -fsanitize=address,undefined against csrc/ (the same
+  sources the library is built from): the kernel on edge geometries in exactly sized buffers, against a
+  float64 reference (inputs of unit scale, so 1e-3 absolute is far above float32 rounding and far below
+  any indexing error)."""
+  import subprocess
+  from pathlib import Path
+  repo = Path(__file__).resolve().parents[1]
+  exe = tmp_path / "asan"
+  src = [repo / "tests/native/f32_attention_asan.cc"] + [repo / "csrc" / n for n in
+                                                          ("bf16_gemm.cc", "bf16_attention.cc", "f32_attention.cc")]
+  build = subprocess.run(["g++", "-O1", "-g", "-std=c++17", "-fsanitize=address,undefined",
+                          "-fno-sanitize-recover=all", f"-I{repo / 'csrc'}", *map(str, src), "-o", str(exe),
+                          "-lpthread"], capture_output=True, text=True, timeout=600)
+  assert build.returncode == 0, build.stderr[-3000:]
+  run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0 and "worst abs err" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
