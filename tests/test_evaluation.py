@@ -267,8 +267,10 @@ import jax, jax.numpy as jnp, numpy as np
 from configs import tiny
 from san_jax import pretrained
 from san_jax.evaluation import inference
+from san_jax.models import layers
 from san_jax.ops import gemm
 assert gemm.f32_attention_availability()[0], gemm.f32_attention_availability()
+layers.F32_FUSED_MIN_LOGITS = 1  # the tiny model's sequences are below the size where it pays
 seg = inference.Segmenter(pretrained.model_from_params(*pretrained.quick_random_params(tiny.get_config().model)))
 images = jnp.zeros((2, 64, 64, 3), jnp.uint8)
 sizes = jnp.full((2, 2), 64, jnp.int32)

@@ -28,6 +28,13 @@ ON, WHY = gemm.f32_attention_availability()
 needs_kernel = pytest.mark.skipif(not ON, reason=f"fused float32 attention unavailable: {WHY}")
 
 
+@pytest.fixture(autouse=True)
+def _fuse_every_size(monkeypatch):
+  """The kernel at every geometry here, small ones included (layers.attention fuses float32 attention only
+  from F32_FUSED_MIN_LOGITS on; test_small_attention_stays_on_xla checks that threshold)."""
+  monkeypatch.setattr(layers, "F32_FUSED_MIN_LOGITS", 1)
+
+
 def _jit(fn):
   """A fresh jit (jax caches traces per function object; some tests change the environment)."""
   return jax.jit(lambda *args: fn(*args))
@@ -163,6 +170,19 @@ def test_only_where_it_applies(monkeypatch):
   finally:
     monkeypatch.undo()
     gemm._load.cache_clear()
+
+
+@needs_kernel
+def test_small_attention_stays_on_xla(monkeypatch):
+  """Below F32_FUSED_MIN_LOGITS logits per head (Lq x Lk) float32 attention keeps XLA's ops (the custom call's
+  fixed costs outweigh its gain there, layers.py has the measurements); from it on, the fused kernel."""
+  monkeypatch.setattr(layers, "F32_FUSED_MIN_LOGITS", 100 * 100)
+  rng = np.random.default_rng(4)
+  attn = lambda q, k, v: layers.attention(q, k, v)
+  assert not _uses_fused(attn, *_operands(rng, 32, 65, 65, 2, 32))  # the demo's tiny CLIP
+  assert not _uses_fused(attn, *_operands(rng, 1, 99, 101, 2, 32))
+  assert _uses_fused(attn, *_operands(rng, 1, 100, 100, 2, 32))
+  assert _uses_fused(attn, *_operands(rng, 1, 50, 200, 2, 32))
 
 
 @needs_kernel
