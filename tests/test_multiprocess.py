@@ -183,10 +183,21 @@ def _process_id_of(pid: int):
   return None
 
 
-def _launch_and_kill(n: int, wd: Path, kill_after_step, extra=()):
-  """Launches `n` processes on the chain's command; once `kill_after_step` is logged, SIGKILLs the process
-  with --process_id=1 (0 when alone). Returns (status, output, seconds from the kill to the launcher's exit,
-  or None when nothing was killed)."""
+def _committed(wd: Path, step: int) -> bool:
+  """Whether checkpoint `step` is complete: orbax writes STEP.orbax-checkpoint-tmp and renames it to STEP
+  only when every process has written its part."""
+  return (wd / "checkpoints" / str(step)).is_dir()
+
+
+def _launch_and_kill(n: int, wd: Path, kill_after_step, extra=(), after_checkpoint=None):
+  """Launches `n` processes on the chain's command; once `kill_after_step` is logged and checkpoint
+  `after_checkpoint` is committed, SIGKILLs the process with --process_id=1 (0 when alone). Returns (status,
+  output, seconds from the kill to the launcher's exit, or None when nothing was killed).
+
+  Why wait for the commit: the save of a step finishes in the background after the step is logged, so on a
+  loaded machine a kill right after step 5 was logged once came before step 4's commit; the next run then
+  found no complete checkpoint and rightly started from scratch (same losses, no "resumed from step" line),
+  which the chain's resume assertions read as a failure."""
   cmd = launch_argv(n, [*TRAIN, "--workdir", str(wd), "--config.train.steps=16", *extra])
   launcher = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   chunks = []
@@ -197,7 +208,7 @@ def _launch_and_kill(n: int, wd: Path, kill_after_step, extra=()):
     deadline = time.monotonic() + 900
     while kill_after_step and time.monotonic() < deadline and launcher.poll() is None:
       logged = losses(wd) if (wd / "metrics.jsonl").exists() else {}
-      if logged and max(logged) >= kill_after_step:
+      if logged and max(logged) >= kill_after_step and (after_checkpoint is None or _committed(wd, after_checkpoint)):
         victim = [c for c in _children(launcher.pid) if _process_id_of(c) == min(1, n - 1)]
         if victim:
           os.kill(victim[0], signal.SIGKILL)
@@ -216,9 +227,9 @@ def _launch_and_kill(n: int, wd: Path, kill_after_step, extra=()):
 def chain(tmp_path_factory):
   wd = tmp_path_factory.mktemp("chain") / "run"
   periodic = ["--config.train.eval_every=8", "--config.eval.max_examples=8"]  # B evaluates step 8 on 2 processes
-  logs = {"A": _launch_and_kill(4, wd, 5, ["--config.mesh.shape.fsdp=2", *periodic]),
-          "B": _launch_and_kill(2, wd, 9, periodic),
-          "C": _launch_and_kill(1, wd, 13, periodic),
+  logs = {"A": _launch_and_kill(4, wd, 5, ["--config.mesh.shape.fsdp=2", *periodic], after_checkpoint=4),
+          "B": _launch_and_kill(2, wd, 9, periodic, after_checkpoint=8),
+          "C": _launch_and_kill(1, wd, 13, periodic, after_checkpoint=12),
           "D": _launch_and_kill(1, wd, None, periodic)}
   return wd, logs
 
