@@ -6,7 +6,10 @@ torch.bfloat16)` against san-jax's bfloat16 compute), with the CPU model and fla
 thread counts, medians and the ratio (benchmarks/components.py lists the parts). Nothing is compared with
 numbers from another run or another machine.
 
-`--quick`: float32 only, 3 timed calls per row. `--with_san` adds a second table of the whole SAN (inference
+By default the dtypes are the CPU's best modes (`components.best_dtypes`): bfloat16 rows only where torch's
+bf16 autocast is not an emulation (measured in the same run: on a CPU without AVX512-BF16 or AMX it runs at
+~1% of float32, and its rows would take hours); `--dtypes` chooses them. `--quick`: float32 only, 3 timed
+calls per row. `--with_san` adds a second table of the whole SAN (inference
 640x640 / 150 classes, train step batch 1; ViT-B/16, and ViT-L/14 unless --quick): san-jax only, as the
 official SAN is not installed here; its peak memory is `python -m benchmarks.memory`.
 """
@@ -25,6 +28,8 @@ def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
   del argv
   flags.DEFINE_boolean("quick", False, "float32 only, 3 timed calls per row", flag_values=fv)
   cli.DEFINE_typed_list("only", None, "these parts only", fv, choices=components.ROWS)
+  cli.DEFINE_typed_list("dtypes", None, "compute dtypes (default: this CPU's best modes; float32 with --quick)", fv,
+                        choices=["float32", "bfloat16"])
   flags.DEFINE_integer("runs", None, "timed calls per row (default 5, 3 with --quick)", flag_values=fv)
   flags.DEFINE_integer("torch_threads", None, "default: torch's own choice", flag_values=fv)
   flags.DEFINE_boolean("with_san", False, "also the whole SAN, san-jax only (slow)", flag_values=fv)
@@ -34,8 +39,9 @@ def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
 def _main(args: flags.FlagValues, positional: List[str]) -> None:
   del positional
   runs = args.runs or (3 if args.quick else 5)
-  dtypes = ["float32"] if args.quick else ["float32", "bfloat16"]
-  info, rows = components.run(args.only, dtypes, runs, args.torch_threads)
+  info, rows = components.run(args.only, args.dtypes or (["float32"] if args.quick else None), runs,
+                              args.torch_threads)
+  dtypes = [d for d in ("float32", "bfloat16") if any(r["dtype"] == d for r in rows)]  # --with_san's too
   failures = [f"{r['row']} {r['dtype']}: {r['error']}" for r in rows if "error" in r]
   result = {"machine": info, "components": rows}
   san_table = None

@@ -98,6 +98,24 @@ def torch_matmul_rates(n: int = 512, runs: int = 3) -> Dict[str, float]:
   return rates
 
 
+# torch's bf16 autocast is one of its best modes where its bf16 matmul runs at least this fraction of its float32
+# rate. The two cases are far apart: oneDNN with AVX512-BF16 or AMX runs bf16 1.3-6x faster than float32
+# (a Zen 4: 384 vs 190 GFLOP/s at 2048^3; the issue's AMX Xeon: 1,819 vs 311), without bf16 instructions it
+# emulates them at ~1% of float32 (a Zen 3: 1.3 vs 178 GFLOP/s at 512^3), where bf16 rows would take hours.
+BF16_BEST_MODE_MIN_RATIO = 0.5
+
+
+def best_dtypes(rates: Dict[str, float]) -> Tuple[List[str], str]:
+  """(dtypes to compare, why) from `torch_matmul_rates()`: float32 always; bfloat16 where torch's autocast is
+  a best mode on this CPU (BF16_BEST_MODE_MIN_RATIO), since each framework is compared in its best modes."""
+  f32, bf16 = rates.get("float32", 0.0), rates.get("bfloat16", 0.0)
+  if f32 > 0 and bf16 >= BF16_BEST_MODE_MIN_RATIO * f32:
+    return ["float32", "bfloat16"], ""
+  return ["float32"], (f"bfloat16 rows left out: torch's bf16 autocast matmul runs at {bf16:.1f} GFLOP/s on this CPU "
+                       f"against {f32:.1f} in float32 (no native bf16 here), so float32 is its best mode; "
+                       "--dtypes float32,bfloat16 runs them anyway")
+
+
 # ---- models with the same weights -------------------------------------------------------------------
 class Parts:
   """open_clip ViT-B/16 and a timm side ViT (random weights), and san-jax modules holding the same weights."""
@@ -357,7 +375,8 @@ def format_table(info: Dict[str, object], rows: Sequence[Dict[str, object]]) -> 
           f"XLA {info['xla_threads']} threads" + (f", XLA_FLAGS={info['xla_flags']}" if info["xla_flags"] else "")
           + f"; san-jax bf16 products: {info.get('bf16_gemm', '-')}; float32 attention: {info.get('f32_attention', '-')}"
           + "".join(f"; torch 512^3 matmul {k} {v:.1f} GFLOP/s" for k, v in info.get("torch_matmul_gflops", {}).items())
-          + f". Medians of {rows[0]['runs'] if rows else '-'} alternating calls, same run.")
+          + f". Medians of {rows[0]['runs'] if rows else '-'} alternating calls, same run."
+          + (f" {info['dtypes_note']}." if info.get("dtypes_note") else ""))
   lines = [head, "", "| part | dtype | san-jax s | PyTorch s | PyTorch / san-jax | max abs diff (of max abs) |",
            "|---|---|---|---|---|---|"]
   for r in rows:
@@ -369,14 +388,21 @@ def format_table(info: Dict[str, object], rows: Sequence[Dict[str, object]]) -> 
   return "\n".join(lines)
 
 
-def run(only: Optional[Sequence[str]] = None, dtypes: Sequence[str] = ("float32", "bfloat16"), runs: int = 5,
+def run(only: Optional[Sequence[str]] = None, dtypes: Optional[Sequence[str]] = None, runs: int = 5,
         torch_threads: Optional[int] = None) -> Tuple[Dict[str, object], List[Dict[str, object]]]:
+  """(machine info, rows). dtypes None: this CPU's best modes (`best_dtypes`; the info says what was left
+  out and why)."""
   import torch
   bad = [r for r in (only or ()) if r not in ROWS]
   if bad:
     raise ValueError(f"unknown rows {bad}; known: {', '.join(ROWS)}")
   if torch_threads:
     torch.set_num_threads(torch_threads)
+  info = machine_info()
+  if dtypes is None:
+    dtypes, info["dtypes_note"] = best_dtypes(info["torch_matmul_gflops"])
+    if info["dtypes_note"]:
+      print(info["dtypes_note"], flush=True)
   parts = Parts()
   rows = []
   for name in only or ROWS:
@@ -386,13 +412,14 @@ def run(only: Optional[Sequence[str]] = None, dtypes: Sequence[str] = ("float32"
       except Exception as e:  # pylint: disable=broad-except  (reported in the table and the exit status)
         rows.append({"row": name, "dtype": dtype, "error": f"{type(e).__name__}: {e}"})
       print(rows[-1], flush=True)
-  return machine_info(), rows
+  return info, rows
 
 
 def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
   del argv
   cli.DEFINE_typed_list("only", None, "these parts only", fv, choices=ROWS)
-  cli.DEFINE_typed_list("dtypes", ["float32", "bfloat16"], "compute dtypes", fv, choices=["float32", "bfloat16"])
+  cli.DEFINE_typed_list("dtypes", None, "compute dtypes (default: this CPU's best modes, see best_dtypes)", fv,
+                        choices=["float32", "bfloat16"])
   flags.DEFINE_integer("runs", 5, "timed calls per row", flag_values=fv)
   flags.DEFINE_integer("torch_threads", None, "default: torch's own choice", flag_values=fv)
   flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)

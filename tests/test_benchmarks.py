@@ -41,6 +41,22 @@ def test_table_names_machine_threads_and_ratio():
   assert "official" not in table.lower()
 
 
+def test_bf16_rows_only_where_torchs_autocast_is_a_best_mode():
+  """Rates measured by torch_matmul_rates-style timings on three machines (GFLOP/s, float32 / bf16 autocast):
+  a Zen 3 without bf16 instructions (178 / 1.3, 512^3), a Zen 4 with AVX512-BF16 (190 / 384, 2048^3) and the
+  issue's AMX Xeon (311 / 1,819, 2048^3). Only the first leaves bf16 out, and says why with its numbers."""
+  dtypes, why = components.best_dtypes({"float32": 178.0, "bfloat16": 1.3})
+  assert dtypes == ["float32"]
+  assert "1.3 GFLOP/s" in why and "178.0 in float32" in why and "--dtypes float32,bfloat16" in why
+  for rates in ({"float32": 190.0, "bfloat16": 384.0}, {"float32": 311.0, "bfloat16": 1819.0}):
+    assert components.best_dtypes(rates) == (["float32", "bfloat16"], "")
+  info = {"cpu": "c", "cpu_flags": [], "cores": 2, "torch_threads": 2, "torch": "t", "jax": "j", "jax_device": "cpu:0",
+          "xla_threads": 2, "xla_flags": "", "dtypes_note": why}
+  rows = [{"row": "side_vit", "dtype": "float32", "jax_s": 1.0, "torch_s": 2.0, "torch_over_jax": 2.0,
+           "max_abs_diff": 1e-6, "ref_max_abs": 5.0, "runs": 5}]
+  assert why in components.format_table(info, rows)
+
+
 def test_gpu_peak_table_matches_device_kinds():
   """The dense bf16 peaks of NVIDIA's datasheets (half the sparse figures they print), matched on the
   device_kind strings jax reports; a chip not in the table gives MFU "?"."""
