@@ -27,7 +27,7 @@ NO_DECAY_PATTERNS = (r"pos_embed", r"positional_embedding", r"query_embed", r"(^
 # The config's model keys; their values are `san.SANConfig`'s defaults, the official ViT-B/16 geometry,
 # defined there once.
 _MODEL_KEYS = ("clip_resolution", "feature_last_layer_idx", "size_divisibility", "rec_downsample_method",
-               "sos_token_format", "template_set")
+               "sos_token_format", "template_set", "remat")
 _SIDE_KEYS = ("image_size", "patch_size", "width", "depth", "heads", "mlp_ratio", "num_queries",
               "deep_supervision_idxs", "attn_bias_heads", "attn_bias_layers", "attn_bias_embed", "attn_bias_mlp",
               "attn_bias_mlp_layers", "rescale_attn_bias")

@@ -38,6 +38,9 @@ SET_ASIDE_DIR = "set_aside"
 # mesh, ...) may change between a run's restarts.
 IDENTITY_KEYS = ("model", "train.trainable_patterns", "data.train", "data.train_split", "data.num_examples",
                  "data.shapes_")
+# Keys under IDENTITY_KEYS that say how a run computes, not what it trains: a resume may change them (trading
+# memory for speed), and a config.json written before they existed lacks them.
+EXECUTION_KEYS = ("model.remat",)
 
 
 class WorkdirError(RuntimeError):
@@ -131,8 +134,8 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
 
 def _identity(config: Mapping[str, Any]) -> Dict[str, Any]:
   flat = _flatten(config)
-  return {k: v for k, v in flat.items() if any(k == p or k.startswith(p if p.endswith("_") else p + ".")
-                                              for p in IDENTITY_KEYS)}
+  return {k: v for k, v in flat.items() if k not in EXECUTION_KEYS and any(
+      k == p or k.startswith(p if p.endswith("_") else p + ".") for p in IDENTITY_KEYS)}
 
 
 def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
