@@ -1,6 +1,6 @@
 // san-jax's native CPU kernels (libsan_native.so): the bf16 x bf16 -> f32 GEMM on AVX512-BF16 (VDPBF16PS,
 // bf16_gemm.cc), the fused bf16 attention (bf16_attention.cc) and the fused float32 attention
-// (f32_attention.cc).
+// (f32_attention.cc), and the matcher's minimum-cost assignment (hungarian.cc).
 #pragma once
 #include <cstdint>
 extern "C" {
@@ -27,6 +27,13 @@ int san_f32_attention(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D, c
                       const float* v, float* out, float* lse);
 // Which kernel san_f32_attention runs: 2 AVX-512F, 1 AVX2 + FMA, 0 none (checked at run time).
 int san_f32_attention_isa();
+// scipy.optimize.linear_sum_assignment of each of `batch` float32 [rows, cols] matrices (row-major,
+// contiguous) restricted to its first counts[b] columns (clamped to [0, cols]): rows_out, cols_out
+// [batch, min(rows, cols)] int32 get the min(rows, counts[b]) pairs by ascending row, then zeros. NaN and
+// +-inf costs count as 0 and +-1e30 (as the Python path's np.nan_to_num). Returns 0, 1 for a negative size,
+// 2 if no assignment is finite (cannot happen after that replacement).
+int san_linear_sum_assignment(int64_t batch, int64_t rows, int64_t cols, const float* cost,
+                              const int32_t* counts, int32_t* rows_out, int32_t* cols_out);
 void san_bf16_gemm(int64_t M, int64_t N, int64_t K, const uint16_t* A, int trans_a,
                    const uint16_t* B, int trans_b, float* C, int num_threads);
 }

@@ -11,6 +11,9 @@
 //   out: bf16 [B, Lq, H, D], lse: f32 [B, H, Lq]; D <= 128, Lk >= 1
 // XLA FFI handler "san_f32_attention": the same in float32 (csrc/f32_attention.cc, AVX2 + FMA or AVX-512F):
 //   q: f32 [B, Lq, H, D] (already scaled), k, v: f32 [B, Lk, H, D]; out: f32 [B, Lq, H, D], lse: f32 [B, H, Lq]
+// XLA FFI handler "san_linear_sum_assignment": the matcher's assignment (csrc/hungarian.cc):
+//   cost: f32 [..., Q, T], counts: s32 [...] (valid target columns per matrix);
+//   rows, cols: s32 [..., min(Q, T)] (scipy's pairs by ascending row, zero padded)
 // Shapes are checked here too (Python checks them before tracing): a mismatch is an InvalidArgument error
 // naming both shapes, never a read out of bounds.
 #include <cstdint>
@@ -102,7 +105,39 @@ ffi::Error F32Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
   return ffi::Error::Success();
 }
 
+ffi::Error LinearSumAssignment(ffi::Buffer<ffi::F32> cost, ffi::Buffer<ffi::S32> counts,
+                               ffi::ResultBuffer<ffi::S32> rows, ffi::ResultBuffer<ffi::S32> cols) {
+  auto cd = cost.dimensions(), nd = counts.dimensions(), rd = rows->dimensions(), td = cols->dimensions();
+  auto bad = [&](const char* why) {
+    return ffi::Error::InvalidArgument(std::string("san_linear_sum_assignment: ") + why + ": cost " +
+                                       ShapeString(cd) + ", counts " + ShapeString(nd) + ", rows " +
+                                       ShapeString(rd) + ", cols " + ShapeString(td));
+  };
+  if (cd.size() < 2) return bad("cost must be [..., Q, T]");
+  const size_t lead = cd.size() - 2;
+  const int64_t q = cd[lead], t = cd[lead + 1], k = q < t ? q : t;
+  if (nd.size() != lead || rd.size() != lead + 1 || td.size() != lead + 1)
+    return bad("counts must be cost's leading dims, rows and cols those dims + [min(Q, T)]");
+  int64_t batch = 1;
+  for (size_t i = 0; i < lead; ++i) {
+    if (nd[i] != cd[i] || rd[i] != cd[i] || td[i] != cd[i]) return bad("leading dims differ");
+    batch *= cd[i];
+  }
+  if (rd[lead] != k || td[lead] != k) return bad("rows and cols must end in min(Q, T)");
+  const int rc = san_linear_sum_assignment(batch, q, t, cost.typed_data(), counts.typed_data(),
+                                           rows->typed_data(), cols->typed_data());
+  if (rc != 0) return ffi::Error::Internal("san_linear_sum_assignment: no finite assignment");
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SanLinearSumAssignment, LinearSumAssignment,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SanBf16Attention, Bf16Attention,
                               ffi::Ffi::Bind()

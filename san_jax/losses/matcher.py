@@ -9,14 +9,17 @@ same points for predictions and targets, read with `point_sample`). The terms, t
 the float32 arithmetic follow Mask2Former's `batch_sigmoid_ce_loss` / `batch_dice_loss`.
 
 Targets have a static count T per image: `labels [B, T]`, `masks [B, T, H, W]`, `valid [B, T]`, the valid
-ones first (see `criterion.pad_targets`). The assignment runs scipy's `linear_sum_assignment` on the host
-through `jax.pure_callback`, on the [Q, n_valid] block only, so padded targets never take part and the
-result is exactly scipy's (rows ascending, as scipy returns them). Matches come back padded to
+ones first (see `criterion.pad_targets`). The assignment is scipy's `linear_sum_assignment` on the
+[Q, n_valid] block only, so padded targets never take part and the result is exactly scipy's (rows
+ascending, as scipy returns them). On a CPU with san-jax's native library it runs as a custom call
+(`gemm.linear_sum_assignment`: scipy's algorithm, tie rules and float64 arithmetic, tested pair for pair
+against scipy), elsewhere as scipy itself through `jax.pure_callback`; the custom call keeps the train step
+free of host callbacks, which JAX's persistent compilation cache refuses. Matches come back padded to
 K = min(Q, T) with a validity mask. Given the mesh axes that shard the batch (`batch_axes`, the train
-step's), the callback runs inside a `shard_map` over them: every device hands its own images' cost
+step's), the assignment runs inside a `shard_map` over them: every device hands its own images' cost
 matrices to its own host, so each host solves only its images and no cost matrix is gathered to one device
-(without it, XLA replicates the cost matrices onto device 0 for the callback: "involuntary full
-rematerialization", and on a pod one host would solve the whole global batch). Costs are computed with
+(without it, XLA replicates the cost matrices onto device 0 for the callback or custom call: "involuntary
+full rematerialization", and on a pod one host would solve the whole global batch). Costs are computed with
 broadcasting leading dimensions rather than vmap, which explicit-sharding meshes refuse when
 batch-sharded predictions meet replicated point draws.
 """
@@ -31,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from san_jax.ops import sampling
+from san_jax.ops import gemm, sampling
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32 contractions on GPU/TPU would otherwise use reduced precision
 
@@ -105,6 +108,15 @@ def _assign_callback(cost: jax.Array, num_valid: jax.Array):
   return jax.pure_callback(_assign_on_host, (out_shape, out_shape), cost, num_valid, vmap_method="broadcast_all")
 
 
+def _assign_local(cost: jax.Array, num_valid: jax.Array):
+  """The assignment of the matrices at hand: the native custom call on a CPU where the library is built
+  (scipy's pairs without a host callback, see `gemm.linear_sum_assignment`), the scipy callback elsewhere
+  (GPU, TPU: `lax.platform_dependent` lowers only the branch of the platform it compiles for)."""
+  if not gemm.assignment_availability()[0]:
+    return _assign_callback(cost, num_valid)
+  return jax.lax.platform_dependent(cost, num_valid, cpu=gemm.linear_sum_assignment, default=_assign_callback)
+
+
 def _sharded_axes(batch_axes: Sequence[str], batch: int) -> Tuple[str, ...]:
   """The axes of `batch_axes` the current mesh has, when they split the batch (more than one way, evenly),
   followed by the mesh's other axes (size > 1) that still split it evenly.
@@ -130,34 +142,35 @@ def _sharded_axes(batch_axes: Sequence[str], batch: int) -> Tuple[str, ...]:
 
 
 def assign(cost: jax.Array, num_valid: jax.Array, batch_axes: Sequence[str] = ()) -> Dict[str, jax.Array]:
-  """Optimal assignment per image on the host (scipy), callable under jit and vmap.
+  """Optimal assignment per image (scipy's, natively on a CPU), callable under jit and vmap.
 
   cost [B, Q, T] (or any [..., Q, T] without batch_axes); num_valid [B] (int): only the first num_valid
   target columns are assigned. batch_axes: mesh axes (of the mesh set with `jax.set_mesh`) that shard B;
-  the host callback then runs per shard (shard_map), on the host of the shard's device.
+  the assignment then runs per shard (shard_map), on the host of the shard's device.
   Returns pred_idx, tgt_idx [..., K] int32 (K = min(Q, T); scipy's order: pred_idx ascending) and
   valid [..., K] (the first min(Q, num_valid) entries; the rest are zero padding).
   """
   q, t = cost.shape[-2:]
   k = min(q, t)
   num_valid = jnp.asarray(num_valid, jnp.int32)
-  # No gradient flows through an assignment; stop_gradient keeps jax.grad away from the callback.
+  # No gradient flows through an assignment; stop_gradient keeps jax.grad away from the callback / custom call.
   cost = jax.lax.stop_gradient(cost)
   axes = _sharded_axes(batch_axes, cost.shape[0]) if cost.ndim == 3 else ()
   if axes:
     spec = P(axes if len(axes) > 1 else axes[0])
-    # Manual over every mesh axis (host callbacks refuse partially automatic sharding); see _sharded_axes
+    # Manual over every mesh axis (host callbacks refuse partially automatic sharding, and a custom call
+    # has no sharding rule); see _sharded_axes
     # for the axes beyond batch_axes.
     explicit = jax.sharding.AxisType.Explicit in jax.sharding.get_abstract_mesh().axis_types
     if explicit:  # explicit meshes do not reshard implicitly: the extra axes' split, and back after
       back = (jax.typeof(cost).sharding.spec[0],)
       cost, num_valid = jax.reshard(cost, spec), jax.reshard(num_valid, spec)
-    rows, cols = jax.shard_map(_assign_callback, in_specs=(spec, spec), out_specs=(spec, spec),
+    rows, cols = jax.shard_map(_assign_local, in_specs=(spec, spec), out_specs=(spec, spec),
                                check_vma=False)(cost, num_valid)
     if explicit:
       rows, cols, num_valid = (jax.reshard(a, P(*back)) for a in (rows, cols, num_valid))
   else:
-    rows, cols = _assign_callback(cost, num_valid)
+    rows, cols = _assign_local(cost, num_valid)
   valid = jnp.arange(k) < jnp.minimum(num_valid, q)[..., None]
   return {"pred_idx": rows, "tgt_idx": cols, "valid": valid}
 

@@ -1,5 +1,5 @@
 """san-jax's native CPU kernels as XLA FFI custom calls: bfloat16 matmuls on AVX512-BF16, fused attention in
-bfloat16 (AVX512-BF16) and in float32 (AVX2 + FMA or AVX-512F).
+bfloat16 (AVX512-BF16) and in float32 (AVX2 + FMA or AVX-512F), and the matcher's assignment.
 
 XLA:CPU (jaxlib 0.10.2) computes a bfloat16 dot by widening to float32: measured on a 2-core AMD EPYC with
 avx512_bf16, a 2048^3 bf16 dot runs at ~260 GFLOP/s against ~390 for float32, so `compute_dtype=bfloat16`
@@ -45,8 +45,13 @@ attention took 31 ms fused against 49 ms unfused. float32 is the parity precisio
 same products in another order (tests/test_f32_attention.py bounds the difference from float64 and from the
 unfused path by float32 rounding), and the golden cases pass with it as before.
 
-`availability()` (bf16) and `f32_attention_availability()` say which path runs and why; `SAN_JAX_NATIVE=0`
-turns every kernel off.
+`linear_sum_assignment` is scipy's assignment as a custom call (csrc/hungarian.cc: the same algorithm, tie
+rules and float64 arithmetic, so the pairs are scipy's): `losses.matcher` uses it on a CPU instead of a host
+callback, so a train step holds no Python callback and JAX's persistent compilation cache keeps it (JAX
+never caches a program with a host callback), and no step waits on Python's GIL for its matching.
+
+`availability()` (bf16), `f32_attention_availability()` and `assignment_availability()` say which path runs
+and why; `SAN_JAX_NATIVE=0` turns every kernel off.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ LIBRARY = Path(__file__).with_name("_native") / "libsan_native.so"
 _TARGET = "san_bf16_gemm"
 _ATTENTION_TARGET = "san_bf16_attention"
 _F32_ATTENTION_TARGET = "san_f32_attention"
+_ASSIGNMENT_TARGET = "san_linear_sum_assignment"
 ATTENTION_MAX_HEAD_DIM = 128  # the fused kernels' limit (csrc/bf16_attention.cc, csrc/f32_attention.cc)
 _BF16 = jnp.dtype(jnp.bfloat16)
 _F32 = jnp.dtype(jnp.float32)
@@ -83,7 +89,8 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
   except OSError as e:
     return None, f"{LIBRARY} does not load: {e}"
   for target, symbol in ((_TARGET, "SanBf16Gemm"), (_ATTENTION_TARGET, "SanBf16Attention"),
-                         (_F32_ATTENTION_TARGET, "SanF32Attention")):
+                         (_F32_ATTENTION_TARGET, "SanF32Attention"),
+                         (_ASSIGNMENT_TARGET, "SanLinearSumAssignment")):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   return lib, ""
 
@@ -110,6 +117,30 @@ def f32_attention_availability() -> Tuple[bool, str]:
       return False, "this CPU lacks AVX2 + FMA"
     return True, f"fused float32 attention on {'AVX-512F' if isa == 2 else 'AVX2 + FMA'} ({LIBRARY.name})"
   return _available(kernel)
+
+
+def assignment_availability() -> Tuple[bool, str]:
+  """(whether the matcher's assignment on a CPU runs as the custom call, why / which). Plain C++: any
+  x86-64 CPU the library builds for."""
+  return _available(lambda lib: (True, f"native linear_sum_assignment ({LIBRARY.name})"))
+
+
+def linear_sum_assignment(cost: jax.Array, counts: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """scipy.optimize.linear_sum_assignment of every [Q, T] matrix of `cost` restricted to its first
+  counts[...] columns, as one custom call (CPU only; `assignment_availability()` first).
+
+  cost: float32 [..., Q, T]; counts: int32 [...] (clamped to [0, T]). Returns (rows, cols) int32
+  [..., min(Q, T)]: scipy's pairs, rows ascending, then zeros. NaN / +-inf costs count as 0 / +-1e30.
+  """
+  if cost.ndim < 2 or counts.shape != cost.shape[:-2]:
+    raise ValueError(f"linear_sum_assignment takes cost [..., Q, T] and counts [...] of its leading dims, got "
+                     f"cost {cost.shape} and counts {counts.shape}")
+  ok, why = assignment_availability()
+  if not ok:
+    raise RuntimeError(f"linear_sum_assignment: the custom call is unavailable: {why}")
+  out = jax.ShapeDtypeStruct(cost.shape[:-2] + (min(cost.shape[-2:]),), jnp.int32)
+  return jax.ffi.ffi_call(_ASSIGNMENT_TARGET, (out, out), vmap_method="broadcast_all")(
+      cost.astype(jnp.float32), counts.astype(jnp.int32))
 
 
 def gemm(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
