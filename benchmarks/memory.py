@@ -1,6 +1,7 @@
 """Peak memory of SAN training on the CPU: the process's peak RSS and XLA's buffer assignment.
 
-  python -m benchmarks.memory [--cases b16_train,l14_train,l14_parity] [--runs 1] [--compile_only] [--out FILE]
+  python -m benchmarks.memory [--cases b16_train,l14_train,l14_parity] [--remat none|full] [--runs 1]
+                              [--compile_only] [--out FILE]
 
 Cases (random weights; each runs in its own fresh process, so every peak RSS is that case's alone):
   * `b16_train`, `l14_train`: the real train step (`san_jax.train.steps.Trainer`) at batch 1, 640x640,
@@ -37,6 +38,7 @@ from absl import flags
 
 from benchmarks.common import write_json
 from san_jax import cli
+from san_jax.models.layers import REMAT_MODES
 
 CASES = ("b16_train", "l14_train", "l14_parity")
 GB = 2 ** 30
@@ -60,7 +62,7 @@ def xla_memory(compiled) -> Dict[str, float]:
           "xla_temp_gb": temp / GB, "xla_total_gb": (arg + out - alias + temp) / GB}
 
 
-def train_case(model_key: str, runs: int) -> Dict[str, float]:
+def train_case(model_key: str, runs: int, remat: Optional[str] = None) -> Dict[str, float]:
   import jax
   import jax.numpy as jnp
 
@@ -71,6 +73,8 @@ def train_case(model_key: str, runs: int) -> Dict[str, float]:
 
   num_classes = 171
   cfg = common.base(common.model_b16() if model_key == "b16" else common.model_l14())
+  if remat is not None:
+    cfg.model.remat = remat
   cfg.train.compute_dtype = "float32"
   cfg.train.batch_size = 1
   cfg.train.criterion.max_targets = 16
@@ -208,11 +212,11 @@ def parity_case(runs: int, num_classes: int = 171) -> Dict[str, float]:
   return {**row, "rss_peak_gb": rss_peak_gb(), "step_s": float(np.median(times))}
 
 
-def run_case(name: str, runs: int) -> Dict[str, float]:
+def run_case(name: str, runs: int, remat: Optional[str] = None) -> Dict[str, float]:
   if name == "b16_train":
-    return train_case("b16", runs)
+    return train_case("b16", runs, remat)
   if name == "l14_train":
-    return train_case("l14", runs)
+    return train_case("l14", runs, remat)
   if name == "l14_parity":
     return parity_case(runs)
   raise ValueError(f"unknown memory case {name!r}; known: {', '.join(CASES)}")
@@ -231,15 +235,15 @@ def format_table(rows: Sequence[Dict]) -> str:
   return "\n".join(lines)
 
 
-def measure(cases: Sequence[str], runs: int) -> List[Dict]:
+def measure(cases: Sequence[str], runs: int, remat: Optional[str] = None) -> List[Dict]:
   """Each case in a fresh interpreter, so one case's peak RSS does not include another's."""
   rows = []
   for name in cases:
     if name not in CASES:
       raise ValueError(f"unknown memory case {name!r}; known: {', '.join(CASES)}")
   for name in cases:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", name, "--runs", str(runs)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", name, "--runs", str(runs)]
+                          + ([] if remat is None else ["--remat", remat]), capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
       tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -257,6 +261,8 @@ def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
   flags.DEFINE_integer("runs", 1, "executions per case after compiling (timing only)", flag_values=fv)
   flags.DEFINE_boolean("compile_only", False, "build and compile, do not run (XLA's numbers)", flag_values=fv)
   flags.DEFINE_string("out", None, "write the results as JSON here", flag_values=fv)
+  flags.DEFINE_enum("remat", None, list(REMAT_MODES), "the train cases' SANConfig.remat (default: the "
+                    "config's)", flag_values=fv)
   flags.DEFINE_enum("child", None, list(CASES), "internal: measure this one case in this process (the parent "
                     "runs each case in a child process of its own)", flag_values=fv)
 
@@ -264,9 +270,9 @@ def _define_flags(fv: flags.FlagValues, argv: List[str]) -> None:
 def _main(args: flags.FlagValues, positional: List[str]) -> None:
   del positional
   if args.child:
-    print(json.dumps(run_case(args.child, args.runs)), flush=True)
+    print(json.dumps(run_case(args.child, args.runs, args.remat)), flush=True)
     return
-  rows = measure(args.cases, 0 if args.compile_only else args.runs)
+  rows = measure(args.cases, 0 if args.compile_only else args.runs, args.remat)
   print(format_table(rows))
   result = {"rows": rows}
   write_json(result, args.out)

@@ -25,6 +25,11 @@ int san_bf16_attention(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D, 
 // AVX-512F. Returns 0, or 1 for an unsupported shape, 2 for a CPU without AVX2 + FMA.
 int san_f32_attention(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D, const float* q, const float* k,
                       const float* v, float* out, float* lse);
+// Its backward (f32_attention_bwd_impl.h): from san_f32_attention's q, k, v, out, lse and the cotangent g of
+// out ([B, Lq, H, D]), dq [B, Lq, H, D], dk and dv [B, Lk, H, D] (overwritten). Same return codes.
+int san_f32_attention_bwd(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D, const float* q,
+                          const float* k, const float* v, const float* out, const float* lse, const float* g,
+                          float* dq, float* dk, float* dv);
 // Which kernel san_f32_attention runs: 2 AVX-512F, 1 AVX2 + FMA, 0 none (checked at run time).
 int san_f32_attention_isa();
 // scipy.optimize.linear_sum_assignment of each of `batch` float32 [rows, cols] matrices (row-major,

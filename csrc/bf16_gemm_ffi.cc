@@ -11,6 +11,8 @@
 //   out: bf16 [B, Lq, H, D], lse: f32 [B, H, Lq]; D <= 128, Lk >= 1
 // XLA FFI handler "san_f32_attention": the same in float32 (csrc/f32_attention.cc, AVX2 + FMA or AVX-512F):
 //   q: f32 [B, Lq, H, D] (already scaled), k, v: f32 [B, Lk, H, D]; out: f32 [B, Lq, H, D], lse: f32 [B, H, Lq]
+// XLA FFI handler "san_f32_attention_bwd": its backward: q, k, v, out, lse (as above), g: f32 [B, Lq, H, D];
+//   dq: f32 [B, Lq, H, D], dk, dv: f32 [B, Lk, H, D]
 // XLA FFI handler "san_linear_sum_assignment": the matcher's assignment (csrc/hungarian.cc):
 //   cost: f32 [..., Q, T], counts: s32 [...] (valid target columns per matrix);
 //   rows, cols: s32 [..., min(Q, T)] (scipy's pairs by ascending row, zero padded)
@@ -105,6 +107,35 @@ ffi::Error F32Attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
   return ffi::Error::Success();
 }
 
+ffi::Error F32AttentionBwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                           ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> g,
+                           ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                           ffi::ResultBuffer<ffi::F32> dv) {
+  ffi::Error err = CheckAttention("san_f32_attention_bwd", q.dimensions(), k.dimensions(), v.dimensions(),
+                                  out.dimensions(), lse.dimensions());
+  if (err.failure()) return err;
+  auto same = [](Dims a, Dims b) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i)
+      if (a[i] != b[i]) return false;
+    return true;
+  };
+  if (!same(g.dimensions(), q.dimensions()) || !same(dq->dimensions(), q.dimensions()) ||
+      !same(dk->dimensions(), k.dimensions()) || !same(dv->dimensions(), v.dimensions()))
+    return ffi::Error::InvalidArgument("san_f32_attention_bwd: g and dq must be q's shape " +
+                                       ShapeString(q.dimensions()) + ", dk and dv k's " +
+                                       ShapeString(k.dimensions()) + "; got g " + ShapeString(g.dimensions()) +
+                                       ", dq " + ShapeString(dq->dimensions()) + ", dk " +
+                                       ShapeString(dk->dimensions()) + ", dv " + ShapeString(dv->dimensions()));
+  auto qd = q.dimensions();
+  const int rc = san_f32_attention_bwd(qd[0], qd[1], k.dimensions()[1], qd[2], qd[3], q.typed_data(),
+                                       k.typed_data(), v.typed_data(), out.typed_data(), lse.typed_data(),
+                                       g.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
+  if (rc == 2) return ffi::Error::Internal("san_f32_attention_bwd: this CPU lacks AVX2 + FMA");
+  if (rc != 0) return ffi::Error::InvalidArgument("san_f32_attention_bwd: unsupported shape");
+  return ffi::Error::Success();
+}
+
 ffi::Error LinearSumAssignment(ffi::Buffer<ffi::F32> cost, ffi::Buffer<ffi::S32> counts,
                                ffi::ResultBuffer<ffi::S32> rows, ffi::ResultBuffer<ffi::S32> cols) {
   auto cd = cost.dimensions(), nd = counts.dimensions(), rd = rows->dimensions(), td = cols->dimensions();
@@ -131,6 +162,18 @@ ffi::Error LinearSumAssignment(ffi::Buffer<ffi::F32> cost, ffi::Buffer<ffi::S32>
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SanF32AttentionBwd, F32AttentionBwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SanLinearSumAssignment, LinearSumAssignment,
                               ffi::Ffi::Bind()

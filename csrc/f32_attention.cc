@@ -14,6 +14,8 @@
 // within ~1e-7 relative, one division by the row sum at the end; within float32 rounding of each other
 // (tests/test_gemm.py derives the bound).
 //
+// The backward (f32_attention_bwd_impl.h) recomputes each block's probabilities from lse and gives dq, dk, dv.
+//
 // The kernel is written once (f32_attention_impl.h, GCC vector extensions) and compiled twice, for 8-float
 // (AVX2) and 16-float (AVX-512F) vectors; the CPU is checked at run time, so the library loads anywhere.
 #include <cpuid.h>
@@ -36,6 +38,7 @@ namespace san_avx2 {
 #define SAN_QT 16
 #define SAN_ACC 12
 #include "f32_attention_impl.h"
+#include "f32_attention_bwd_impl.h"
 #undef SAN_W
 #undef SAN_R
 #undef SAN_NP
@@ -53,6 +56,7 @@ namespace san_avx512 {
 #define SAN_QT 16
 #define SAN_ACC 24
 #include "f32_attention_impl.h"
+#include "f32_attention_bwd_impl.h"
 #undef SAN_W
 #undef SAN_R
 #undef SAN_NP
@@ -93,6 +97,18 @@ extern "C" int san_f32_attention(int64_t B, int64_t Lq, int64_t Lk, int64_t H, i
   switch (san_f32_attention_isa()) {
     case 2: san_avx512::run(B, Lq, Lk, H, D, q, k, v, out, lse); return 0;
     case 1: san_avx2::run(B, Lq, Lk, H, D, q, k, v, out, lse); return 0;
+    default: return 2;
+  }
+}
+
+extern "C" int san_f32_attention_bwd(int64_t B, int64_t Lq, int64_t Lk, int64_t H, int64_t D, const float* q,
+                                     const float* k, const float* v, const float* out, const float* lse,
+                                     const float* g, float* dq, float* dk, float* dv) {
+  if (D <= 0 || D > 128 || Lk <= 0) return 1;
+  if (B <= 0 || Lq <= 0 || H <= 0) return 0;
+  switch (san_f32_attention_isa()) {
+    case 2: san_avx512::run_backward(B, Lq, Lk, H, D, q, k, v, out, lse, g, dq, dk, dv); return 0;
+    case 1: san_avx2::run_backward(B, Lq, Lk, H, D, q, k, v, out, lse, g, dq, dk, dv); return 0;
     default: return 2;
   }
 }

@@ -107,31 +107,31 @@ inline void logits(const float* __restrict qt, int64_t D, const float* __restric
     for (int p = 0; p < NP; ++p) store(S + r * KB + p * W, c[r][p]);
 }
 
-// O[RR rows][DVT vectors] += P[RR rows][n keys] . V[n keys][DVT vectors] (P row stride KB, V row stride ldv,
-// O row stride MAX_D).
-template <int RR, int DVT>
-inline void pv_rows(const float* __restrict P, int n, const float* __restrict vp, int64_t ldv,
-                    float* __restrict O) {
-  vf c[RR][DVT];
+// C[RR rows][TV vectors] += A[RR rows][n] (row stride lda) . Bm[n][TV vectors] (row stride ldb); C row
+// stride ldc. The forward's P.V (A = P, Bm = V) and the backward's three products.
+template <int RR, int TV>
+inline void acc_rows(const float* __restrict A, int64_t lda, int n, const float* __restrict Bm, int64_t ldb,
+                     float* __restrict C, int64_t ldc) {
+  vf c[RR][TV];
 #pragma GCC unroll 16
   for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 16
-    for (int t = 0; t < DVT; ++t) c[r][t] = load(O + r * MAX_D + t * W);
-  for (int key = 0; key < n; ++key) {
-    vf vv[DVT];
+    for (int t = 0; t < TV; ++t) c[r][t] = load(C + r * ldc + t * W);
+  for (int i = 0; i < n; ++i) {
+    vf b[TV];
 #pragma GCC unroll 16
-    for (int t = 0; t < DVT; ++t) vv[t] = load(vp + key * ldv + t * W);
+    for (int t = 0; t < TV; ++t) b[t] = load(Bm + i * ldb + t * W);
 #pragma GCC unroll 16
     for (int r = 0; r < RR; ++r) {
-      const vf a = splat(P[r * KB + key]);
+      const vf a = splat(A[r * lda + i]);
 #pragma GCC unroll 16
-      for (int t = 0; t < DVT; ++t) c[r][t] += a * vv[t];
+      for (int t = 0; t < TV; ++t) c[r][t] += a * b[t];
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < RR; ++r)
 #pragma GCC unroll 16
-    for (int t = 0; t < DVT; ++t) store(O + r * MAX_D + t * W, c[r][t]);
+    for (int t = 0; t < TV; ++t) store(C + r * ldc + t * W, c[r][t]);
 }
 
 // All QT rows of O for DVT vectors of the head dim: RR rows at a time, RR * DVT <= SAN_ACC accumulators.
@@ -139,7 +139,7 @@ template <int DVT>
 inline void pv_chunk(const float* P, int n, const float* vp, int64_t ldv, float* O) {
   constexpr int RR = SAN_ACC / DVT >= 8 ? 8 : SAN_ACC / DVT >= 4 ? 4 : SAN_ACC / DVT >= 2 ? 2 : 1;
   static_assert(QT % RR == 0, "QT must be a multiple of the p.v rows");
-  for (int r = 0; r < QT; r += RR) pv_rows<RR, DVT>(P + r * KB, n, vp, ldv, O + r * MAX_D);
+  for (int r = 0; r < QT; r += RR) acc_rows<RR, DVT>(P + r * KB, KB, n, vp, ldv, O + r * MAX_D, MAX_D);
 }
 
 inline void pv(int64_t DV, const float* P, int n, const float* vp, float* O) {

@@ -20,8 +20,8 @@ def _share_compilations() -> None:
   predict.py it starts (they inherit the environment): most tests start processes that compile the same
   tiny-config programs, and compiling, not running, is most of their time (a 4-step tiny train.py: 50 s ->
   28 s here with the cache warm). JAX keys an entry by the program, the devices and the flags, so a hit is
-  the very executable a fresh compile would give; steps with host callbacks (the matching) are never cached
-  by JAX and still compile each time. Set before anything imports jax (it reads these at import); a cache
+  the very executable a fresh compile would give; steps with host callbacks (scipy's matching, where the
+  native assignment is not built) are never cached by JAX and still compile each time. Set before anything imports jax (it reads these at import); a cache
   the caller set up (JAX_COMPILATION_CACHE_DIR) is used as it is and kept."""
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return

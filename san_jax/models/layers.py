@@ -257,8 +257,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
   `dtype` (the calling module's compute dtype) casts q, k, v first: a bf16 Linear on a CPU returns its
   float32 sums (ops/gemm.py), and the products here take bf16 again. Without a bias on a CPU (float32 with
   AVX2 + FMA, bf16 with AVX512-BF16) the exact path runs as one fused custom call (`gemm.fused_attention`:
-  the same products and softmax in another summation order, within float32 rounding of the code below),
-  differentiated as the code below; under a gradient its forward is the code below too.
+  the same products and softmax in another summation order, within float32 rounding of the code below);
+  differentiated, float32 takes the fused backward call too and bf16 the code below (`_fused_forward`).
   """
   if dtype is not None:
     q, k, v = (t.astype(dtype) for t in (q, k, v))
@@ -310,7 +310,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
     return jnp.concatenate(outs, axis=1)
 
   if bias is None and gemm.attention_applies(q, k, v) and not _xla_partitions() and _worth_fusing(q, k):
-    return jax.lax.platform_dependent(q, k, v, cpu=_fused_forward(unfused), default=unfused)
+    fused = _fused_forward(unfused, fused_backward=jnp.dtype(q.dtype) == jnp.float32)
+    return jax.lax.platform_dependent(q, k, v, cpu=fused, default=unfused)
   return unfused(q, k, v)
 
 
@@ -325,24 +326,36 @@ def _worth_fusing(q: jax.Array, k: jax.Array) -> bool:
   return jnp.dtype(q.dtype) != jnp.float32 or q.shape[1] * k.shape[1] >= F32_FUSED_MIN_LOGITS
 
 
-def _fused_forward(unfused: Callable) -> Callable:
+def _fused_forward(unfused: Callable, fused_backward: bool) -> Callable:
   """(q, k, v) -> attention by a fused CPU custom call (ops/gemm.py `fused_attention`: float32, or bf16;
-  no bias; its logits never leave 16-query tiles), differentiated as `unfused`: under a gradient the forward
-  is `unfused`'s, whose saved probabilities feed its own backward, so training computes exactly what it did
-  without the fused kernel (a backward from the fused kernel's log-sum-exp recomputes the logits and their
-  exp, and measured no faster: bf16 on the side ViT's train step, a Zen 4, 2026-12-04; float32 on the whole
-  B/16 train step, a Zen 3, 2026-12-07: 5.18 s against 5.16 s); inference runs the fused kernel alone, and
-  so does the first, undifferentiated forward of a `rematerialized` block (its backward recomputes with
-  `unfused`: within float32 rounding, tests/test_remat.py)."""
+  no bias; its logits never leave 16-query tiles).
+
+  Differentiated, float32 (`fused_backward`): the forward keeps q, k, v, the output and its log-sum-exp
+  ([B, H, Lq]), and the backward is one more custom call (`gemm.fused_attention_bwd`) that recomputes the
+  probabilities a tile at a time: the [B, H, Lq, Lk] probabilities, their cotangent and the softmax's are
+  never stored, which is where XLA:CPU's backward of `unfused` spends its time and memory. Measured on the
+  B/16 train step (640x640, batch 1, a 2-core Zen 3, 2026-12-07, three programs in one process called
+  alternately, medians of 5): remat "none" 4.05 s and 0.87 GB of XLA temporaries against 6.42 s and
+  2.04 GB with XLA's attention throughout (5.80 s with only the forward fused); remat "full" 4.80 s against
+  5.09 s. Within float32 rounding of `unfused`'s gradients (tests/test_f32_attention.py).
+
+  bfloat16: the forward under a gradient is `unfused`'s, whose saved probabilities feed its own backward
+  (a bf16 backward from the log-sum-exp measured no faster on the side ViT's train step, a Zen 4,
+  2026-12-04). Inference runs the fused kernel alone."""
   @jax.custom_vjp
   def fused(q, k, v):
     return gemm.fused_attention(q, k, v)[0]
 
   def fwd(q, k, v):
+    if fused_backward:
+      out, lse = gemm.fused_attention(q, k, v)
+      return out, (q, k, v, out, lse)
     return jax.vjp(unfused, q, k, v)
 
-  def bwd(vjp, g):
-    return vjp(g)
+  def bwd(res, g):
+    if fused_backward:
+      return gemm.fused_attention_bwd(*res, g)
+    return res(g)
 
   fused.defvjp(fwd, bwd)
   return fused

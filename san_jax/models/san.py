@@ -47,13 +47,12 @@ class SANConfig:
   # Backward memory: every CLIP block (feature extractor and recognition head) and every side ViT block is
   # rematerialised ("full": only block inputs are kept, see layers.rematerialized; "none"). Training
   # keeps gradients of the side network and CLIP's positional embedding, which flow back through all
-  # frozen CLIP blocks: without remat their attention probabilities and MLP activations all stay alive.
-  # Inference is unaffected (no backward). The price is time: the B/16 train step (640x640, batch 1,
-  # float32, a 2-core Zen 3, 2026-12-07, both programs in one process, alternating) took 5.26 s with "full"
-  # against 4.54 s keeping the CLIP blocks' activations (peak RSS 3.09 GB against 2.37) and 4.49 s keeping
-  # the side ViT's (4.07 GB); recomputing only the blocks' attention halves, 4.34 against 4.85 s at 3.12 GB
-  # (L/14 7.49 GB). None of these fits under the official code's peaks (2.8 GB B/16, 7.4 GB L/14), so
-  # "full" is the default; "none" trades that memory for speed where it is plentiful.
+  # frozen CLIP blocks: without remat their activations all stay alive (in float32 on a CPU not their
+  # attention probabilities: the fused attention's backward recomputes them). Inference is unaffected.
+  # The price is time: the B/16 train step (640x640, batch 1, float32, a 2-core Zen 3, 2026-12-07, both
+  # programs in one process, alternating, medians of 7) took 4.32 s with "full" against 3.47 s with "none",
+  # at peak RSS 2.40 against 3.21 GB (L/14: 5.02 against 7.59 GB). Only "full" fits under the official
+  # code's peaks (2.8 GB B/16, 7.4 GB L/14), so it is the default; "none" trades memory for speed.
   remat: str = "full"
 
   def validate(self):

@@ -43,7 +43,10 @@ XLA:CPU's float32 attention materialises the [heads, Lq, Lk] logits (69 MB per s
 tokens) and runs its softmax over them; measured on a 2-core Zen 3 (2026-12-07, AVX2) the side ViT's
 attention took 31 ms fused against 49 ms unfused. float32 is the parity precision: the fused kernel sums the
 same products in another order (tests/test_f32_attention.py bounds the difference from float64 and from the
-unfused path by float32 rounding), and the golden cases pass with it as before.
+unfused path by float32 rounding), and the golden cases pass with it as before. `fused_attention_bwd` is its
+backward (csrc/f32_attention_bwd_impl.h): from q, k, v, the output and its log-sum-exp it recomputes each
+tile's probabilities, so a float32 train step stores no [heads, Lq, Lk] array for attention at all
+(`layers._fused_forward` has the train-step measurements).
 
 `linear_sum_assignment` is scipy's assignment as a custom call (csrc/hungarian.cc: the same algorithm, tie
 rules and float64 arithmetic, so the pairs are scipy's): `losses.matcher` uses it on a CPU instead of a host
@@ -73,6 +76,7 @@ _TARGET = "san_bf16_gemm"
 _ATTENTION_TARGET = "san_bf16_attention"
 _F32_ATTENTION_TARGET = "san_f32_attention"
 _ASSIGNMENT_TARGET = "san_linear_sum_assignment"
+_F32_ATTENTION_BWD_TARGET = "san_f32_attention_bwd"
 ATTENTION_MAX_HEAD_DIM = 128  # the fused kernels' limit (csrc/bf16_attention.cc, csrc/f32_attention.cc)
 _BF16 = jnp.dtype(jnp.bfloat16)
 _F32 = jnp.dtype(jnp.float32)
@@ -90,7 +94,8 @@ def _load() -> Tuple[Optional[ctypes.CDLL], str]:
     return None, f"{LIBRARY} does not load: {e}"
   for target, symbol in ((_TARGET, "SanBf16Gemm"), (_ATTENTION_TARGET, "SanBf16Attention"),
                          (_F32_ATTENTION_TARGET, "SanF32Attention"),
-                         (_ASSIGNMENT_TARGET, "SanLinearSumAssignment")):
+                         (_ASSIGNMENT_TARGET, "SanLinearSumAssignment"),
+                         (_F32_ATTENTION_BWD_TARGET, "SanF32AttentionBwd")):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   return lib, ""
 
@@ -208,6 +213,21 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> Tuple[jax.Array
   target = _ATTENTION_TARGET if jnp.dtype(q.dtype) == _BF16 else _F32_ATTENTION_TARGET
   out = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lq), jnp.float32))
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(q, k, v)
+
+
+def fused_attention_bwd(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array,
+                        g: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """The gradients (dq, dk, dv) of float32 `fused_attention` from its inputs, its outputs (out, lse) and the
+  cotangent g of out, by one custom call (csrc/f32_attention_bwd_impl.h: the probabilities recomputed from
+  lse a tile at a time, never the whole [H, Lq, Lk]). dq is the gradient of the scaled q it was given."""
+  if not (attention_applies(q, k, v) and {jnp.dtype(x.dtype) for x in (q, k, v, out, lse, g)} == {_F32}
+          and out.shape == g.shape == q.shape and lse.shape == (q.shape[0], q.shape[2], q.shape[1])):
+    raise ValueError(f"fused_attention_bwd does not apply to q {q.shape} {q.dtype}, k {k.shape} {k.dtype}, "
+                     f"v {v.shape} {v.dtype}, out {out.shape} {out.dtype}, lse {lse.shape} {lse.dtype}, "
+                     f"g {g.shape} {g.dtype} (float32 only, out and g of q's shape, lse [B, H, Lq])")
+  shapes = (jax.ShapeDtypeStruct(q.shape, _F32), jax.ShapeDtypeStruct(k.shape, _F32),
+            jax.ShapeDtypeStruct(v.shape, _F32))
+  return jax.ffi.ffi_call(_F32_ATTENTION_BWD_TARGET, shapes, vmap_method="sequential")(q, k, v, out, lse, g)
 
 
 def attention_applies(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:

@@ -27,6 +27,7 @@ records itself in `nonfinite`/`last_nonfinite_step`; the loop then stops or goes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -177,8 +178,12 @@ class Trainer:
   def step_fn(self, state, frozen, batch, class_embeddings, rng):
     draws = self.draws(rng, state["step"], batch["labels"])
     if not self.deterministic or not self.split_axes:  # one device: nothing to add across devices
-      # XLA partitions this program: the activations' logical axes place them by the config's rules.
-      with layers.activation_sharding(self.activation_sharding):
+      # XLA partitions this program: the activations' logical axes place them by the config's rules. On
+      # one device there is nothing to partition, so no rules apply and the CPU's custom calls (fused
+      # attention, bf16 products; layers._xla_partitions) run in the step as they do in inference.
+      placing = (layers.activation_sharding(self.activation_sharding) if self.mesh.devices.size > 1
+                 else contextlib.nullcontext())
+      with placing:
         (loss, losses), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
             state["params"], frozen, batch, class_embeddings, draws)
       return self._apply(state, loss, losses, grads)
