@@ -114,14 +114,8 @@ ffi::Error F32AttentionBwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi
   ffi::Error err = CheckAttention("san_f32_attention_bwd", q.dimensions(), k.dimensions(), v.dimensions(),
                                   out.dimensions(), lse.dimensions());
   if (err.failure()) return err;
-  auto same = [](Dims a, Dims b) {
-    if (a.size() != b.size()) return false;
-    for (size_t i = 0; i < a.size(); ++i)
-      if (a[i] != b[i]) return false;
-    return true;
-  };
-  if (!same(g.dimensions(), q.dimensions()) || !same(dq->dimensions(), q.dimensions()) ||
-      !same(dk->dimensions(), k.dimensions()) || !same(dv->dimensions(), v.dimensions()))
+  if (!(g.dimensions() == q.dimensions() && dq->dimensions() == q.dimensions() &&
+        dk->dimensions() == k.dimensions() && dv->dimensions() == v.dimensions()))
     return ffi::Error::InvalidArgument("san_f32_attention_bwd: g and dq must be q's shape " +
                                        ShapeString(q.dimensions()) + ", dk and dv k's " +
                                        ShapeString(k.dimensions()) + "; got g " + ShapeString(g.dimensions()) +
