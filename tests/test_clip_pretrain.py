@@ -161,15 +161,54 @@ def test_the_clip_sees_what_sans_clip_branch_sees():
 
 
 def test_class_embeddings_are_the_template_mean_of_the_caption_embeddings():
-  """Pretrainer.class_embeddings (the text tower's, as SAN's classifier) against a numpy mean of each
-  caption's own embedding."""
+  """Pretrainer.class_embeddings (the text tower's, as SAN's classifier, on the trainer's compact token
+  table) against a numpy mean of each caption's own embedding by the same CLIP with its whole vocabulary."""
   cfg = demo_shapes.get_config()
-  trainer = cp.Pretrainer(san_lib.config_from_dict(cfg.model.to_dict()), cp.PretrainConfig(steps=2))
+  san_cfg = san_lib.config_from_dict(cfg.model.to_dict())
   bank = cp.caption_tokens(["red circle", "blue star", "green square"], "vild", 16)
-  model = nnx.merge(trainer.graphdef, trainer.params)
+  trainer = cp.Pretrainer(san_cfg, cp.PretrainConfig(steps=2), bank)
+  assert trainer.params["token_embedding"]["embedding"].shape == (len(np.unique(bank)), 64)
+  model = clip_lib.CLIP(san_cfg.clip, rngs=nnx.Rngs(0))  # the trainer's seed: the same initial CLIP
   per_caption = np.stack([np.asarray(model.encode_text(jnp.asarray(t), normalize=True)) for t in bank])
   want = _unit(per_caption.mean(0))
-  np.testing.assert_allclose(np.asarray(trainer.class_embeddings(jnp.asarray(bank))), want, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(trainer.class_embeddings()), want, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(trainer.class_embeddings(bank[:, :2])), np.asarray(trainer.class_embeddings())[:2])
+  unknown = int(np.setdiff1d(np.arange(1000, 2000), bank)[0])
+  with pytest.raises(ValueError, match=rf"token ids \[{unknown}\] are not in the pretraining captions' vocabulary "
+                                       rf"\({len(np.unique(bank))} ids\)"):
+    trainer.class_embeddings(np.array([[[49406, unknown, 49407]]]))
+
+
+def test_training_only_the_captions_token_rows_is_training_the_whole_table():
+  """Three steps with the compact token table against the same steps with CLIP's whole 49,408-row table (a
+  trainer whose vocabulary is every id): the rows no caption uses stay their initial values exactly, the
+  rest agree within float32 rounding (the global gradient norm sums the same squares in another order)."""
+  cfg = demo_shapes.get_config()
+  san_cfg = san_lib.config_from_dict(cfg.model.to_dict())
+  pc = cp.PretrainConfig(steps=3, batch_size=4, num_images=8, mode="regions", max_regions=3, dense_weight=1.0,
+                         image_size=64, min_radius=0.15, max_radius=0.3, rotate=False)
+  bank = cp.caption_tokens(shapes.class_names(), "vild", 16)
+  compact = cp.Pretrainer(san_cfg, pc, bank)
+  whole = cp.Pretrainer(san_cfg, pc, np.arange(san_cfg.clip.text.vocab_size))
+  whole.bank = whole.compact_tokens(bank)  # every id is its own row: the captions as they are
+  assert whole.params["token_embedding"]["embedding"].shape == (49408, 64)
+  pool = cp.ExamplePool(pc, 48, cp.clip_grid(pc, san_cfg.clip, 1.0), background=False)
+  rng = np.random.default_rng(0)
+  for step in range(3):
+    batch = [jnp.asarray(x) for x in pool.sample(rng, pc.batch_size)]
+    m_c = compact.step(*batch, jax.random.key(step))
+    m_w = whole.step(*batch, jax.random.key(step))
+    np.testing.assert_allclose(float(m_c["loss"]), float(m_w["loss"]), rtol=1e-6)
+  got, want = compact.flat_params(), whole.flat_params()
+  assert set(got) == set(want)
+  table = ("token_embedding", "embedding")
+  unused = np.setdiff1d(np.arange(49408), np.unique(bank))
+  init = np.asarray(clip_lib.CLIP(san_cfg.clip, rngs=nnx.Rngs(pc.seed)).token_embedding.embedding[...])
+  np.testing.assert_array_equal(got[table][unused], init[unused])
+  np.testing.assert_array_equal(want[table][unused], init[unused])
+  assert not np.array_equal(got[table][np.unique(bank)], init[np.unique(bank)])  # the used rows did train
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6, err_msg=str(k))
 
 
 def test_pretrained_checkpoint_initialises_san(tmp_path):

@@ -142,56 +142,62 @@ def test_nonfinite_loss_leaves_state_unchanged(trained_a_few_steps):
 
 
 SHARDED_SCRIPT = textwrap.dedent(r"""
+    import re
     import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import PartitionSpec as P
     from san_jax.train import sharding, steps, optim
     from tests.train_utils import model_config, tiny_batch, tiny_config
     assert len(jax.devices()) == 8, jax.devices()
     lowered = {}
-    def run(shape, devices, deterministic=True, model=1):
+    def run(shape, devices, deterministic=True, start=None, keep_text=False):
+      # shape: (data, fsdp, model). Three steps of the tiny model; `start` (state, frozen) replaces the
+      # layout's own initialisation (compiling an init program costs as much as a step here).
       cfg = tiny_config(deterministic_reductions=deterministic)
-      cfg.mesh.shape.data, cfg.mesh.shape.fsdp, cfg.mesh.shape.model = shape + (model,)
+      cfg.mesh.shape.data, cfg.mesh.shape.fsdp, cfg.mesh.shape.model = shape
       mesh = sharding.make_mesh(cfg.mesh.shape.to_dict(), devices)
       tr = steps.Trainer(model_config(cfg), cfg.train, mesh, [tuple(r) for r in cfg.mesh.rules], 3)
-      state, frozen = tr.init(jax.random.key(0))
+      if start is None:
+        state, frozen = tr.init(jax.random.key(0))
+      else:
+        state, frozen = jax.device_put(start, (tr.state_shardings, tr.frozen_shardings))
+      initial = (jax.device_get(state), frozen)  # on the host: the step donates the state's buffers
       batch = sharding.global_batch(tiny_batch(batch_size=8), mesh, tr.rules)
       ce = jnp.asarray(np.random.default_rng(0).normal(size=(3, 32)).astype(np.float32))
       step = tr.compile_step({k: v.ndim for k, v in batch.items()})
-      with jax.set_mesh(mesh):
-        lowered[(shape, deterministic, model)] = step.jitted.lower(state, frozen, batch, ce, jax.random.key(1)).as_text()
+      if keep_text:
+        with jax.set_mesh(mesh):
+          lowered[(shape, deterministic)] = step.jitted.lower(state, frozen, batch, ce, jax.random.key(1)).as_text()
       for _ in range(3):
         state, m = step(state, frozen, batch, ce, jax.random.key(1))
-      return state, frozen
-    one, _ = run((1, 1), jax.devices()[:1])
-    many, frozen = run((4, 2), jax.devices())
+      return state, frozen, initial
     flat = lambda t: {optim.path_of(p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+    one, _, one_init = run((1, 1, 1), jax.devices()[:1])
+    # The fsdp layout initialises its own sharded state (the same values: partitionable threefry).
+    many, frozen, _ = run((4, 2, 1), jax.devices(), keep_text=True)
     a, b = flat(one["params"]), flat(many["params"])
     err = max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
     print("max param diff", err)
     assert err <= 1e-5, err
     # The deterministic step (default): the fsdp layout adds in the same device order as data=8, so the
-    # same bits; XLA's all-reduces (deterministic_reductions=False) only within float noise.
-    c = flat(run((8, 1), jax.devices())[0]["params"])
+    # same bits.
+    c = flat(run((8, 1, 1), jax.devices(), start=one_init)[0]["params"])
     assert all(np.array_equal(np.asarray(b[k]), np.asarray(c[k])) for k in b)
-    d = flat(run((4, 2), jax.devices(), deterministic=False)[0]["params"])
-    err = max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(d[k])))) for k in a)
-    print("max param diff, XLA's all-reduces", err)
-    assert err <= 1e-5, err
-    # model=2 in XLA's partitioned step: the activations' logical axes put attention heads and MLP hidden
-    # units on the model axis (sharding constraints in the lowered step), and training still matches.
-    e = flat(run((4, 1), jax.devices(), deterministic=False, model=2)[0]["params"])
+    # XLA's partitioned step (deterministic_reductions=False) on all three axes at once, from its own
+    # initialisation: all-reduces over data and fsdp, and the activations' logical axes put attention heads
+    # and MLP hidden units on the model axis (sharding constraints in the lowered step); training matches
+    # within float noise.
+    e = flat(run((2, 2, 2), jax.devices(), deterministic=False, keep_text=True)[0]["params"])
     err = max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(e[k])))) for k in a)
-    print("max param diff, model=2", err)
+    print("max param diff, XLA's all-reduces, fsdp=2, model=2", err)
     assert err <= 1e-5, err
-    import re
     constraints = lambda key: re.findall(r"sdy.sharding_constraint [^\n]*", lowered[key])
-    on_model = [c for c in constraints(((4, 1), False, 2)) if '{"model"}' in c]
-    heads = [c for c in on_model if re.search(r'\[\{"data"\}, \{\}, \{"model"\}, \{\}\]> : tensor<8x\d+x4x16x', c)]
-    mlp = [c for c in on_model if re.search(r'\[\{"data"\}, \{\}, \{"model"\}\]> : tensor<8x\d+x256x', c)]
+    on_model = [c for c in constraints(((2, 2, 2), False)) if '{"model"}' in c]
+    batch_axes = r'\[\{"data", "fsdp"\}, \{\}, \{"model"\}'
+    heads = [c for c in on_model if re.search(batch_axes + r', \{\}\]> : tensor<8x\d+x4x16x', c)]
+    mlp = [c for c in on_model if re.search(batch_axes + r'\]> : tensor<8x\d+x256x', c)]
     print("constraints on model", len(on_model), "heads", len(heads), "mlp", len(mlp))
-    assert heads and mlp, constraints(((4, 1), False, 2))[:20]
+    assert heads and mlp, constraints(((2, 2, 2), False))[:20]
     # the deterministic step computes each device's examples whole: no activation constraint at all
-    assert not constraints(((4, 2), True, 1)), constraints(((4, 2), True, 1))[:5]
+    assert not constraints(((4, 2, 1), True)), constraints(((4, 2, 1), True))[:5]
     def sharded(tree):
       return [p for p, v in flat(tree).items() if "fsdp" in str(v.sharding.spec) and len(v.sharding.device_set) == 8]
     n_params, n_opt, n_frozen = len(sharded(many["params"])), len(sharded(many["opt_state"])), len(sharded(frozen))
@@ -203,6 +209,7 @@ SHARDED_SCRIPT = textwrap.dedent(r"""
     assert qkv.addressable_shards[0].data.shape == (24, 144)
     print("OK")
 """)
+
 
 
 @pytest.mark.slow
