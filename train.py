@@ -54,15 +54,19 @@ def _main(f: flags.FlagValues, args: List[str]) -> int:
           checkpoint.CheckpointSaveError) as err:
     # One message, exit status 1: what is wrong is named, no traceback. The message stays the last line:
     # orbax's and tensorstore's background threads can print teardown errors at any moment after a failed
-    # restore (a CI run caught an asyncio traceback in the microseconds before os._exit), so once it is out,
-    # stdout and stderr point at /dev/null; nothing is left to flush: the loop has closed its files and
-    # released the workdir lock.
+    # restore, so stdout and stderr point at /dev/null *before* the message goes to a copy of the real
+    # stderr (CI runs caught an asyncio traceback after it twice when the redirect came after the print);
+    # then os._exit, with nothing left to flush: the loop has closed its files and released the workdir lock.
     logging.shutdown()
     sys.stdout.flush()
-    print(f"train.py: {err}", file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    real_stderr = os.dup(2)
     quiet = os.open(os.devnull, os.O_WRONLY)
     os.dup2(quiet, 1)
     os.dup2(quiet, 2)
+    message = memoryview(f"train.py: {err}\n".encode())
+    while message:
+      message = message[os.write(real_stderr, message):]
     os._exit(1)
   return 0
 
