@@ -55,7 +55,7 @@ def _main(f: flags.FlagValues, args: List[str]) -> int:
     # One message, exit status 1: what is wrong is named, no traceback. The message stays the last line:
     # orbax's and tensorstore's background threads can print teardown errors at any moment after a failed
     # restore, so stdout and stderr point at /dev/null *before* the message goes to a copy of the real
-    # stderr (CI runs caught an asyncio traceback after it twice when the redirect came after the print);
+    # stderr (a CI run caught an asyncio traceback after it when the redirect came right after the print);
     # then os._exit, with nothing left to flush: the loop has closed its files and released the workdir lock.
     logging.shutdown()
     sys.stdout.flush()
