@@ -35,9 +35,10 @@ _share_compilations()
 
 
 # The files that take minutes, longest first (CI of ee46bb6 on the 2-core Zen 3, from its slowest-tests list:
-# test_multiprocess at least 18 min of worker time, test_train at least 11, the next few 2-5 each). xdist gives each of the two workers whole files in the collection
-# order (pytest.ini), so these start first and the many short files fill in at the end. xdist's own order, by
-# number of tests, had started them last: the run ended with one worker alone on test_train.py.
+# test_multiprocess at least 18 min of worker time, test_train at least 11, the next few 2-5 each). xdist gives
+# each of the two workers whole files in the collection order (pytest.ini), so these start first and the many
+# short files fill in at the end. xdist's own order, by number of tests, had started them last: the run ended
+# with one worker alone on test_train.py.
 LONGEST_FILES = ("test_multiprocess.py", "test_train.py", "test_run_safety.py", "test_demo.py", "test_train_loop.py",
                  "test_f32_attention.py", "test_san_model.py", "test_benchmarks.py", "test_pretrained.py",
                  "test_clip_pretrain.py")
