@@ -23,6 +23,10 @@ Rows (inference unless marked train):
   rec_train        forward + backward of the recognition blocks w.r.t. the attention bias and the tokens
 Timing: calls alternate between the two frameworks (background load falls on both alike); the median of
 `--runs` timed calls after two warm-up calls. torch/jax > 1 means san-jax is faster.
+Ceilings: each row also gives XLA's FLOP count of san-jax's program and the largest PyTorch / san-jax ratio
+those FLOPs allow here, were every one of them run at the rate of the run's fastest 2048^2 matmul
+(`add_ceilings`); the lines under the table sum the rows of the B/16 inference and of the train step. A
+target ratio above a ceiling cannot be reached without doing fewer FLOPs.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import numpy as np
 
 from absl import flags
 
-from benchmarks.common import time_interleaved, write_json
+from benchmarks.common import program_flops, time_interleaved, write_json
 from san_jax import cli
 
 ROWS = ("matmul_2048", "clip_tower", "side_vit", "rec_blocks", "postprocess", "side_vit_train", "clip_train", "rec_train")
@@ -366,7 +370,47 @@ def bench_row(parts: Parts, row: str, dtype: str, runs: int) -> Dict[str, object
   scale = float(np.max(np.abs(t_arr))) if t_arr.size else 0.0
   js, ts = statistics.median(jt), statistics.median(tt)
   return {"row": row, "dtype": dtype, "jax_s": js, "torch_s": ts, "torch_over_jax": ts / js,
-          "max_abs_diff": diff, "ref_max_abs": scale, "runs": runs}
+          "max_abs_diff": diff, "ref_max_abs": scale, "runs": runs,
+          "gflop": program_flops(jfn, *jargs) / 1e9}  # counted after timing: it clears jax's caches
+
+
+# The rows that make up SAN's B/16 inference and its train step (their sums, and their ceilings, follow the table).
+GROUPS = {"inference": ("clip_tower", "side_vit", "rec_blocks", "postprocess"),
+          "train step": ("side_vit_train", "clip_train", "rec_train")}
+
+
+def add_ceilings(rows: List[Dict[str, object]], peak_gflops: Dict[str, float]) -> None:
+  """Each timed row gets "ceiling": PyTorch's seconds over the seconds san-jax's FLOPs (`program_flops`) take at
+  `peak_gflops[dtype]` (the faster framework's 2048^2 matmul, this run). That is the largest PyTorch / san-jax
+  ratio any implementation of this program could reach here: it assumes every FLOP runs at the big matmul's
+  rate (smaller products run slower) and nothing else takes time (norms, softmax, copies)."""
+  for r in rows:
+    peak = peak_gflops.get(r["dtype"])
+    if "error" not in r and peak and r.get("gflop"):
+      r["ceiling"] = r["torch_s"] / (r["gflop"] / peak)
+
+
+def peaks_from_rows(rows: Sequence[Dict[str, object]]) -> Dict[str, float]:
+  """{dtype: GFLOP/s} of the matmul_2048 rows: the faster of the two frameworks."""
+  return {r["dtype"]: 2 * 2048 ** 3 / min(r["jax_s"], r["torch_s"]) / 1e9
+          for r in rows if r["row"] == "matmul_2048" and "error" not in r}
+
+
+def group_lines(rows: Sequence[Dict[str, object]], peak_gflops: Dict[str, float]) -> List[str]:
+  """One line per GROUPS entry and dtype whose rows all ran: the summed seconds, their ratio and the summed
+  ceiling (PyTorch's total over the total time of san-jax's FLOPs at the peak)."""
+  lines = []
+  for name, members in GROUPS.items():
+    for dtype in ("float32", "bfloat16"):
+      got = [r for r in rows if r["row"] in members and r["dtype"] == dtype and "error" not in r]
+      if len(got) != len(members) or dtype not in peak_gflops:
+        continue
+      js, ts, gflop = (sum(r[k] for r in got) for k in ("jax_s", "torch_s", "gflop"))
+      at_peak = gflop / peak_gflops[dtype]
+      lines.append(f"B/16 {name} parts ({' + '.join(members)}), {dtype}: PyTorch {ts:.3f} s, san-jax {js:.3f} s, "
+                   f"PyTorch / san-jax {ts / js:.2f}; san-jax's {gflop:.1f} GFLOP take {at_peak:.3f} s at the "
+                   f"{peak_gflops[dtype]:.0f} GFLOP/s matmul peak: {ts / at_peak:.2f}x is the ceiling.")
+  return lines
 
 
 def format_table(info: Dict[str, object], rows: Sequence[Dict[str, object]]) -> str:
@@ -377,14 +421,23 @@ def format_table(info: Dict[str, object], rows: Sequence[Dict[str, object]]) -> 
           + "".join(f"; torch 512^3 matmul {k} {v:.1f} GFLOP/s" for k, v in info.get("torch_matmul_gflops", {}).items())
           + f". Medians of {rows[0]['runs'] if rows else '-'} alternating calls, same run."
           + (f" {info['dtypes_note']}." if info.get("dtypes_note") else ""))
-  lines = [head, "", "| part | dtype | san-jax s | PyTorch s | PyTorch / san-jax | max abs diff (of max abs) |",
-           "|---|---|---|---|---|---|"]
+  peaks = info.get("peak_gflops", {})
+  lines = [head, "", "| part | dtype | san-jax s | PyTorch s | PyTorch / san-jax | GFLOP | ceiling | "
+           "max abs diff (of max abs) |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['row']} | {r['dtype']} | failed: {r['error']} | | | |")
+      lines.append(f"| {r['row']} | {r['dtype']} | failed: {r['error']} | | | | | |")
       continue
+    ceiling = f"{r['ceiling']:.2f}" if "ceiling" in r else "-"
+    gflop = f"{r['gflop']:.2f}" if r.get("gflop") else "-"
     lines.append(f"| {r['row']} | {r['dtype']} | {r['jax_s']:.4f} | {r['torch_s']:.4f} | {r['torch_over_jax']:.2f} | "
-                 f"{r['max_abs_diff']:.1e} ({r['ref_max_abs']:.1e}) |")
+                 f"{gflop} | {ceiling} | {r['max_abs_diff']:.1e} ({r['ref_max_abs']:.1e}) |")
+  if peaks:
+    lines += ["", "GFLOP: XLA's count of san-jax's program (custom calls counted as the XLA ops they replace). "
+              "ceiling: PyTorch s / (GFLOP / peak), peak = the faster 2048^2 matmul of this run ("
+              + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items())
+              + "): the largest ratio any implementation of these FLOPs could reach on this machine."]
+    lines += group_lines(rows, peaks)
   return "\n".join(lines)
 
 
@@ -412,6 +465,12 @@ def run(only: Optional[Sequence[str]] = None, dtypes: Optional[Sequence[str]] = 
       except Exception as e:  # pylint: disable=broad-except  (reported in the table and the exit status)
         rows.append({"row": name, "dtype": dtype, "error": f"{type(e).__name__}: {e}"})
       print(rows[-1], flush=True)
+  peaks = peaks_from_rows(rows)
+  if "matmul_2048" not in (only or ROWS):  # no matmul row: jax's float32 2048^2 matmul, measured by itself
+    from benchmarks.common import matmul_peak
+    peaks = {"float32": matmul_peak(runs)["gflops"]}
+  info["peak_gflops"] = peaks
+  add_ceilings(rows, peaks)
   return info, rows
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from absl import flags
 
-from benchmarks.common import matmul_peak, san_config, time_calls, write_json, xla_flops
+from benchmarks.common import matmul_peak, program_flops, san_config, time_calls, write_json
 from san_jax import cli
 
 MODELS = ("b16", "l14")  # the --models choices; benchmarks.common.san_config builds each
@@ -72,7 +72,7 @@ def bench(model_key: str, dtype: str, size: int, classes: int, runs: int) -> Dic
   t0 = time.perf_counter()
   compiled = forward.lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  flops = xla_flops(compiled)
+  flops = program_flops(forward, *args)  # the fused attention's FLOPs included
   mem = compiled.memory_analysis()
   xla_bytes = (getattr(mem, "temp_size_in_bytes", 0) + getattr(mem, "argument_size_in_bytes", 0)
                + getattr(mem, "output_size_in_bytes", 0)) if mem is not None else 0

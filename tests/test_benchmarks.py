@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import components
+from san_jax.ops import gemm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,46 @@ def test_table_names_machine_threads_and_ratio():
   assert "| side_vit | float32 | 1.0000 | 2.0000 | 2.00 |" in table
   assert "| side_vit | bfloat16 | failed: RuntimeError: x |" in table
   assert "official" not in table.lower()
+
+
+def test_ceilings_are_pytorchs_time_over_the_flops_at_the_matmul_peak():
+  """ceiling = PyTorch s / (GFLOP / peak), peak from the faster framework's matmul_2048 row; the group line sums
+  seconds and FLOPs over all of its rows (computed here by hand from the made-up rows)."""
+  mm = {"row": "matmul_2048", "dtype": "float32", "jax_s": 0.2, "torch_s": 0.1, "gflop": 17.18}
+  rows = [mm] + [{"row": name, "dtype": "float32", "jax_s": 1.0, "torch_s": 2.0, "gflop": 100.0 * (i + 1)}
+                 for i, name in enumerate(components.GROUPS["inference"])]
+  rows.append({"row": "clip_train", "dtype": "float32", "error": "RuntimeError: x"})
+  peaks = components.peaks_from_rows(rows)
+  assert peaks == {"float32": pytest.approx(2 * 2048 ** 3 / 0.1 / 1e9)}
+  components.add_ceilings(rows, peaks)
+  assert rows[1]["ceiling"] == pytest.approx(2.0 / (100.0 / peaks["float32"]))
+  assert "ceiling" not in rows[-1]
+  lines = components.group_lines(rows, peaks)
+  assert len(lines) == 1, lines  # the train step's rows did not all run: no line for it
+  at_peak = 1000.0 / peaks["float32"]  # 100 + 200 + 300 + 400 GFLOP
+  assert f"PyTorch 8.000 s, san-jax 4.000 s, PyTorch / san-jax 2.00; san-jax's 1000.0 GFLOP take {at_peak:.3f} s" \
+      in lines[0]
+  assert f"{8.0 / at_peak:.2f}x is the ceiling" in lines[0]
+
+
+@pytest.mark.skipif(not gemm.f32_attention_availability()[0], reason="fused float32 attention unavailable")
+def test_program_flops_counts_the_fused_attention_that_xlas_cost_analysis_misses(monkeypatch):
+  """The side ViT's attention geometry (1 x 1,700 x 6 x 40): the program runs the custom call, whose FLOPs the
+  compiled program's cost analysis leaves out; program_flops counts at least the two products, 2 x 2 x Lq x
+  Lk x D per head, and at most 10% more (the softmax), and the program's next trace uses the kernel again."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from benchmarks import common
+  from san_jax.models import layers
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 1700, 6, 40)), jnp.float32) for _ in range(3))
+  fn = jax.jit(lambda q, k, v: layers.attention(q, k, v))
+  products = 2 * 2 * 6 * 1700 * 1700 * 40
+  assert "san_f32_attention" in fn.lower(q, k, v).as_text()
+  assert common.xla_flops(fn.lower(q, k, v).compile()) < 0.1 * products
+  assert products <= common.program_flops(fn, q, k, v) <= 1.1 * products
+  assert "san_f32_attention" in fn.lower(q, k, v).as_text()
 
 
 def test_bf16_rows_only_where_torchs_autocast_is_a_best_mode():
