@@ -125,6 +125,38 @@ def test_launcher_refuses_devices_that_do_not_split():
   assert res.returncode == 2 and "--devices=8 is not divisible by --processes=3" in res.stderr
 
 
+CACHE_CHILD = """
+import sys
+import jax
+from san_jax.train import sharding
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+n = int(args.get("num_processes", 1))
+if n > 1:
+  sharding.initialize_distributed(args["coordinator_address"], n, int(args["process_id"]))
+print(f"processes {jax.process_count()} cache {jax.config.jax_enable_compilation_cache}", flush=True)
+"""
+
+
+def test_multi_process_cpu_runs_leave_the_persistent_compilation_cache_alone(tmp_path):
+  """On CPUs JAX keys one program differently in each process and writes entries from process 0 only, so a
+  rerun with a cache gave process 0 its step from the cache while process 1 compiled, and gloo's 30 s wait for
+  the first collective killed the run (measured: 2 x 4 devices, configs/tiny.py, one JAX_COMPILATION_CACHE_DIR,
+  run twice). initialize_distributed turns the cache off for such runs, and says so; one process keeps it.
+  (The end-to-end case is the heartbeat test below: the same 2 x 4 step as the chain's run B.)"""
+  script = tmp_path / "child.py"
+  script.write_text(CACHE_CHILD)
+  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+  two = subprocess.run(launch_argv(2, [str(script)], devices=4), cwd=REPO, env={**env(4), **cache},
+                       capture_output=True, text=True, timeout=120)
+  assert two.returncode == 0, two.stdout + two.stderr
+  for i in range(2):
+    assert f"[{i}] processes 2 cache False" in two.stdout, two.stdout
+  assert two.stdout.count("persistent compilation cache") == 2, two.stdout  # one line per process
+  one = subprocess.run([sys.executable, str(script)], cwd=REPO, env={**env(4), **cache}, capture_output=True,
+                       text=True, timeout=120)
+  assert "processes 1 cache True" in one.stdout, one.stdout + one.stderr
+
+
 def _one_line_error(res, needle):
   assert res.returncode != 0
   lines = [l for l in res.stderr.splitlines() if needle in l]
@@ -269,7 +301,10 @@ def test_kill_9_without_the_launcher_the_survivor_exits_within_the_heartbeat_bou
   a margin for this loaded machine, instead of hanging in its next collective."""
   wd = tmp_path / "run"
   port = __import__("san_jax.launch", fromlist=["free_port"]).free_port()
-  procs = [subprocess.Popen([sys.executable, *TRAIN, "--workdir", str(wd), "--config.train.steps=100",
+  # steps=16: the chain's run B compiled this very step (2 processes x 4 devices) earlier in the module; before
+  # multi-process CPU runs turned the persistent cache off, process 0 loaded it from there and its first
+  # collective timed out while process 1 compiled (test_multi_process_cpu_runs_leave_...).
+  procs = [subprocess.Popen([sys.executable, *TRAIN, "--workdir", str(wd), "--config.train.steps=16",
                              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
                             cwd=REPO, env=env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
            for i in range(2)]

@@ -10,6 +10,7 @@ JAX's cluster auto-detection); each host feeds its contiguous slice of the globa
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
@@ -18,6 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger("san_jax.train")
 
 MESH_AXES = ("data", "fsdp", "model")
 Rules = Sequence[Tuple[str, Union[str, Sequence[str], None]]]
@@ -92,7 +95,25 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
                              initialization_timeout=t["initialization_timeout_s"],
                              heartbeat_timeout_seconds=t["heartbeat_timeout_s"],
                              shutdown_timeout_seconds=t["shutdown_timeout_s"])
+  _no_persistent_cache_across_cpu_processes()
   return True
+
+
+def _no_persistent_cache_across_cpu_processes() -> None:
+  """Turns JAX's persistent compilation cache off in a multi-process run on CPUs (one line says so when one was
+  set up). JAX writes cache entries from process 0 only, and on CPUs each process keys the same program
+  differently (measured with jax 0.10.2: identical lowered modules, different keys), so in a rerun process 0
+  loads its step from the cache and enters the first collective while the others still compile; gloo gives
+  that collective 30 s ("Gloo context initialization failed: ... GetKeyValue() timed out"), less than a train
+  step's compile, and the run died (2 processes x 4 devices, configs/tiny.py, run twice with one
+  JAX_COMPILATION_CACHE_DIR). On TPUs and GPUs every process reads process 0's entry, so the cache stays."""
+  if jax.process_count() == 1 or jax.default_backend() != "cpu":
+    return
+  if jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache:
+    log.warning("persistent compilation cache (%s) not used: a multi-process run on CPUs can only hit it in "
+                "process 0, whose collectives then time out waiting for the others' compiles",
+                jax.config.jax_compilation_cache_dir)
+  jax.config.update("jax_enable_compilation_cache", False)
 
 
 def config_fingerprint(config: Any) -> str:
