@@ -465,8 +465,9 @@ def run(only: Optional[Sequence[str]] = None, dtypes: Optional[Sequence[str]] = 
       except Exception as e:  # pylint: disable=broad-except  (reported in the table and the exit status)
         rows.append({"row": name, "dtype": dtype, "error": f"{type(e).__name__}: {e}"})
       print(rows[-1], flush=True)
-  peaks = peaks_from_rows(rows)
-  if "matmul_2048" not in (only or ROWS):  # no matmul row: jax's float32 2048^2 matmul, measured by itself
+  if "matmul_2048" in (only or ROWS):
+    peaks = peaks_from_rows(rows)
+  else:  # no matmul row: jax's float32 2048^2 matmul, measured by itself
     from benchmarks.common import matmul_peak
     peaks = {"float32": matmul_peak(runs)["gflops"]}
   info["peak_gflops"] = peaks

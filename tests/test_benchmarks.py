@@ -63,7 +63,7 @@ def test_ceilings_are_pytorchs_time_over_the_flops_at_the_matmul_peak():
 
 
 @pytest.mark.skipif(not gemm.f32_attention_availability()[0], reason="fused float32 attention unavailable")
-def test_program_flops_counts_the_fused_attention_that_xlas_cost_analysis_misses(monkeypatch):
+def test_program_flops_counts_the_fused_attention_that_xlas_cost_analysis_misses():
   """The side ViT's attention geometry (1 x 1,700 x 6 x 40): the program runs the custom call, whose FLOPs the
   compiled program's cost analysis leaves out; program_flops counts at least the two products, 2 x 2 x Lq x
   Lk x D per head, and at most 10% more (the softmax), and the program's next trace uses the kernel again."""

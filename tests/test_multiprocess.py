@@ -137,7 +137,7 @@ print(f"processes {jax.process_count()} cache {jax.config.jax_enable_compilation
 """
 
 
-def test_multi_process_cpu_runs_leave_the_persistent_compilation_cache_alone(tmp_path):
+def test_multi_process_cpu_runs_turn_the_persistent_compilation_cache_off(tmp_path):
   """On CPUs JAX keys one program differently in each process and writes entries from process 0 only, so a
   rerun with a cache gave process 0 its step from the cache while process 1 compiled, and gloo's 30 s wait for
   the first collective killed the run (measured: 2 x 4 devices, configs/tiny.py, one JAX_COMPILATION_CACHE_DIR,
@@ -303,7 +303,7 @@ def test_kill_9_without_the_launcher_the_survivor_exits_within_the_heartbeat_bou
   port = __import__("san_jax.launch", fromlist=["free_port"]).free_port()
   # steps=16: the chain's run B compiled this very step (2 processes x 4 devices) earlier in the module; before
   # multi-process CPU runs turned the persistent cache off, process 0 loaded it from there and its first
-  # collective timed out while process 1 compiled (test_multi_process_cpu_runs_leave_...).
+  # collective timed out while process 1 compiled (test_multi_process_cpu_runs_turn_the_...).
   procs = [subprocess.Popen([sys.executable, *TRAIN, "--workdir", str(wd), "--config.train.steps=16",
                              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
                             cwd=REPO, env=env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
