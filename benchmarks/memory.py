@@ -89,7 +89,8 @@ def train_case(model_key: str, runs: int, remat: Optional[str] = None) -> Dict[s
   step = trainer.compile_step({k: v.ndim for k, v in batch.items()})
   rng = jax.random.key(2)
   with jax.set_mesh(mesh):
-    compiled = step.jitted.lower(state, frozen, batch, class_emb, rng).compile()
+    args = step.args(state, frozen, batch, class_emb, rng)
+    compiled = step.jitted.lower(*args).compile()
   row = {"rss_built_gb": rss_built, "rss_compile_gb": rss_peak_gb(), **xla_memory(compiled)}
   if not runs:
     return {**row, "rss_peak_gb": rss_peak_gb(), "step_s": float("nan")}
@@ -97,7 +98,7 @@ def train_case(model_key: str, runs: int, remat: Optional[str] = None) -> Dict[s
   for _ in range(runs):
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-      state, metrics = compiled(state, frozen, batch, class_emb, rng)
+      state, metrics = compiled(state, *args[1:])
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   if not np.isfinite(float(metrics["loss"])):

@@ -77,14 +77,15 @@ def prepare(model_key: str, batch_size: int, dtype: str, size: int = 640, num_cl
   class_emb = jnp.asarray(np.random.default_rng(1).normal(size=(num_classes, text_dim)).astype(np.float32))
   batch_ndims = {k: v.ndim for k, v in batch.items()}
   step = trainer.compile_step(batch_ndims)
-  return Prepared(trainer, step.jitted, (state, frozen, batch, class_emb, jax.random.key(2)), mesh, batch_ndims)
+  return Prepared(trainer, step.jitted, step.args(state, frozen, batch, class_emb, jax.random.key(2)), mesh,
+                  batch_ndims)
 
 
 def bench(model_key: str, batch_size: int, dtype: str, runs: int, size: int = 640, num_classes: int = 171):
   import jax
 
   p = prepare(model_key, batch_size, dtype, size, num_classes)
-  state, frozen, batch, class_emb, rng = p.args
+  state, *rest = p.args
   holder = {"state": state}
   t0 = time.perf_counter()
   with jax.set_mesh(p.mesh):
@@ -94,7 +95,7 @@ def bench(model_key: str, batch_size: int, dtype: str, runs: int, size: int = 64
 
   def one():
     with jax.set_mesh(p.mesh):
-      holder["state"], m = compiled(holder["state"], frozen, batch, class_emb, rng)
+      holder["state"], m = compiled(holder["state"], *rest)
     jax.block_until_ready(m)
 
   times = time_calls(one, runs, warmup=1)

@@ -321,7 +321,7 @@ def calls(data, deterministic):
   ce = jnp.zeros((3, 32), jnp.float32)
   step = tr.compile_step({k: v.ndim for k, v in batch.items()})
   with jax.set_mesh(mesh):
-    text = step.jitted.lower(state, frozen, batch, ce, jax.random.key(1)).as_text()
+    text = step.jitted.lower(*step.args(state, frozen, batch, ce, jax.random.key(1))).as_text()
   return sorted(t for t in ("san_f32_attention", "san_f32_attention_bwd") if f"@{t}(" in text)
 print(json.dumps([calls(1, False), calls(2, False), calls(2, True)]))
 """

@@ -101,22 +101,64 @@ def test_weight_decay_mask_follows_the_official_exceptions():
   assert m["clip_visual"]["positional_embedding"] is False
 
 
-@pytest.mark.parametrize("steps,warmup", [(100, 10), (3, 30), (1, 0)],
-                         ids=["normal", "shorter-than-warmup", "one-step"])
-def test_cosine_schedule_is_linear_warmup_then_cosine_to_the_end_factor(steps, warmup):
-  """The "cosine" schedule against its formula: lr * s / w for s < w, then end + (lr - end)(1 + cos(pi t)) / 2,
-  t = (s - w) / (n - w), with w clamped to [1, n - 1] and n = max(steps, 2) (a short run still decays)."""
+def _optax_schedule(name, lr, steps, warmup, power=0.9, end_factor=0.02):
+  """The schedules as optax builds them from Python numbers (the independent reference): SAN's poly decay
+  after a linear warm-up, CLIP's warm-up + cosine with the warm-up clamped to [1, n - 1], n = max(steps, 2)."""
+  import optax
+  if name == "cosine":
+    n = max(steps, 2)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, min(max(warmup, 1), n - 1), n, end_value=end_factor * lr)
+  decay = optax.polynomial_schedule(lr, 0.0, power, max(1, steps - warmup))
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+@pytest.mark.parametrize("name,steps,warmup", [("cosine", 100, 10), ("cosine", 3, 30), ("cosine", 1, 0),
+                                               ("poly", 100, 0), ("poly", 100, 10), ("poly", 5, 8)],
+                         ids=["cosine", "cosine-shorter-than-warmup", "cosine-one-step", "poly", "poly-warmup",
+                              "poly-shorter-than-warmup"])
+def test_learning_rate_schedules_are_optaxs_with_the_numbers_passed_at_run_time(name, steps, warmup):
+  """optim's schedules (array arguments, so that the train step takes them at run time) against optax's own
+  from Python numbers, at every step to past the end, evaluated eagerly and traced under jit with the
+  numbers as arguments. Tolerance: float32 rounding (rtol 1e-5), as the formulas differ in operation order."""
   cfg = tiny_config(steps=steps)
   cfg.train.optimizer.lr = 2e-3
-  cfg.train.schedule = dict(name="cosine", warmup_steps=warmup, end_factor=0.02)
-  sched = optim.learning_rate_schedule(cfg.train)
-  n = max(steps, 2)
-  w = min(max(warmup, 1), n - 1)
-  end = 0.02 * 2e-3
-  for s in range(n + 2):
-    t = min(max(s - w, 0) / (n - w), 1.0)
-    want = 2e-3 * s / w if s < w else end + (2e-3 - end) * 0.5 * (1 + np.cos(np.pi * t))
-    assert float(sched(s)) == pytest.approx(want, rel=1e-5, abs=1e-9), s
+  cfg.train.schedule = dict(name=name, warmup_steps=warmup, power=0.9, end_factor=0.02)
+  want = _optax_schedule(name, 2e-3, steps, warmup)
+  counts = jnp.arange(max(steps, 2) + 3)
+  eager = np.array([float(optim.learning_rate_schedule(cfg.train)(s)) for s in counts])
+  traced = jax.jit(lambda v: jax.vmap(optim.learning_rate_schedule(cfg.train, v))(counts))(
+      optim.schedule_values(cfg.train))
+  ref = np.array([float(want(s)) for s in counts])
+  np.testing.assert_allclose(eager, ref, rtol=1e-5, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(traced), ref, rtol=1e-5, atol=1e-12)
+  assert ref.max() > 0
+
+
+@pytest.mark.slow
+def test_runs_of_other_lengths_and_learning_rates_share_one_compiled_step():
+  """`train.steps`, the learning rate and the warm-up are arguments of the step, not constants: the lowered
+  programs of 4- and 500-step runs (another lr, a warm-up) are the same text, so the persistent compilation
+  cache serves them one executable; the lr each logs is its own schedule's."""
+  texts, lrs = [], []
+  for n, lr, warmup in ((4, 1e-4, 0), (500, 3e-3, 7)):
+    cfg = tiny_config(steps=n)
+    cfg.train.optimizer.lr = lr
+    cfg.train.schedule.warmup_steps = warmup
+    tr = _trainer(cfg, devices=jax.devices()[:1])
+    state, frozen = tr.init(jax.random.key(0))
+    batch = sharding.global_batch(tiny_batch(), tr.mesh, tr.rules)
+    ce = jnp.zeros((3, 32), jnp.float32)
+    step = tr.compile_step({k: v.ndim for k, v in batch.items()})
+    with jax.set_mesh(tr.mesh):
+      texts.append(step.jitted.lower(*step.args(state, frozen, batch, ce, jax.random.key(1))).as_text())
+    state, m = step(state, frozen, batch, ce, jax.random.key(1))
+    state, m = step(state, frozen, batch, ce, jax.random.key(1))
+    lrs.append(float(m["lr"]))
+  assert texts[0] == texts[1]
+  assert lrs[0] == pytest.approx(1e-4 * (1 - 1 / 4) ** 0.9, rel=1e-6)  # poly at step 1 of 4
+  assert lrs[1] == pytest.approx(3e-3 / 7, rel=1e-6)  # warm-up step 1 of 7
 
 
 def test_cosine_schedule_needs_an_end_factor():
@@ -160,7 +202,7 @@ SHARDED_SCRIPT = textwrap.dedent(r"""
       step = tr.compile_step({k: v.ndim for k, v in batch.items()})
       if keep_text:
         with jax.set_mesh(mesh):
-          lowered[(shape, deterministic)] = step.jitted.lower(state, frozen, batch, ce, jax.random.key(1)).as_text()
+          lowered[(shape, deterministic)] = step.jitted.lower(*step.args(state, frozen, batch, ce, jax.random.key(1))).as_text()
       for _ in range(3):
         state, m = step(state, frozen, batch, ce, jax.random.key(1))
       return state, frozen

@@ -13,9 +13,11 @@ optimizer and its state only ever see those.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -58,36 +60,69 @@ def decay_mask(no_decay_patterns: Sequence[str]) -> Callable[[Any], Any]:
   return mask
 
 
-def learning_rate_schedule(train_cfg) -> optax.Schedule:
-  """The learning rate by step, `train_cfg.schedule.name`:
-    "poly": SAN's: an optional linear warm-up over `warmup_steps`, then poly decay (`power`) to 0 at `steps`;
-    "cosine": CLIP's (the demo's CLIP pretraining): a linear warm-up from 0 over `warmup_steps`, clamped to
-      [1, steps - 1] so that a run shorter than its warm-up still decays, then cosine decay to
-      `end_factor` x lr at max(steps, 2).
-  """
+def schedule_values(train_cfg) -> Dict[str, np.ndarray]:
+  """The numbers of the learning-rate schedule, float32 scalars: the train step takes them as an argument, so
+  that runs that differ only in `train.steps`, the learning rate or the warm-up share one compiled step (a
+  run extended on resume, or the test suite's many short runs, reuse the persistent compilation cache).
+  "poly": lr, warmup (>= 0), decay (steps after the warm-up, >= 1), power;
+  "cosine": lr, warmup (clamped to [1, total - 1], so that a run shorter than its warm-up still decays),
+  total (max(steps, 2)), end (end_factor x lr).
+  float32 counts are exact up to 2^24 steps."""
   opt, sched = train_cfg.optimizer, train_cfg.schedule
   if sched.name == "cosine":
     total = max(train_cfg.steps, 2)
-    warmup = min(max(sched.warmup_steps, 1), total - 1)
-    return optax.warmup_cosine_decay_schedule(0.0, opt.lr, warmup, total, end_value=sched.end_factor * opt.lr)
-  if sched.name != "poly":
+    values = dict(lr=opt.lr, warmup=min(max(sched.warmup_steps, 1), total - 1), total=total,
+                  end=sched.end_factor * opt.lr)
+  elif sched.name == "poly":
+    warmup = max(sched.warmup_steps, 0)
+    values = dict(lr=opt.lr, warmup=warmup, decay=max(1, train_cfg.steps - warmup), power=sched.power)
+  else:
     raise ValueError(f"unknown schedule {sched.name!r} (expected 'poly' or 'cosine')")
-  decay = optax.polynomial_schedule(init_value=opt.lr, end_value=0.0, power=sched.power,
-                                    transition_steps=max(1, train_cfg.steps - sched.warmup_steps))
-  if sched.warmup_steps <= 0:
-    return decay
-  warmup = optax.linear_schedule(0.0, opt.lr, sched.warmup_steps)
-  return optax.join_schedules([warmup, decay], [sched.warmup_steps])
+  return {k: np.float32(v) for k, v in values.items()}
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW with the decay mask; the schedule is exposed via `learning_rate_schedule`."""
+def learning_rate_schedule(train_cfg, values: Optional[Mapping[str, Any]] = None) -> optax.Schedule:
+  """The learning rate by step, `train_cfg.schedule.name`, with the numbers of `values` (`schedule_values`'
+  dict, arrays that may be traced; default: the config's):
+    "poly": SAN's: a linear warm-up from 0 over `warmup` steps (none when 0), then poly decay
+      lr (1 - min(s - warmup, decay) / decay)^power to 0;
+    "cosine": CLIP's (the demo's CLIP pretraining): a linear warm-up from 0 over `warmup` steps, then cosine
+      decay to `end` at `total`: end + (lr - end)(1 + cos(pi min(s - warmup, total - warmup) /
+      (total - warmup))) / 2.
+  These are optax's `join_schedules` of `linear_schedule` and `polynomial_schedule` /
+  `warmup_cosine_decay_schedule`, written with array arguments (optax's take Python numbers and branch on
+  them); tests/test_train.py checks them against optax's."""
+  name = train_cfg.schedule.name
+  v = schedule_values(train_cfg) if values is None else values
+  if name not in ("poly", "cosine"):
+    raise ValueError(f"unknown schedule {name!r} (expected 'poly' or 'cosine')")
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    warmup = v["warmup"]
+    warming = v["lr"] * jnp.clip(count, 0.0, warmup) / jnp.maximum(warmup, 1.0)
+    after = jnp.maximum(count - warmup, 0.0)
+    if name == "poly":
+      frac = 1.0 - jnp.minimum(after, v["decay"]) / v["decay"]
+      decayed = v["lr"] * frac ** v["power"]
+    else:
+      span = v["total"] - warmup
+      cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(after, span) / span))
+      decayed = (v["lr"] - v["end"]) * cosine + v["end"]
+    return jnp.where(count < warmup, warming, decayed)
+  return schedule
+
+
+def make_optimizer(train_cfg, values: Optional[Mapping[str, Any]] = None) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW with the decay mask and `learning_rate_schedule(train_cfg, values)`. The
+  state's structure does not depend on `values`: the train step builds its optimizer from the values it is
+  passed and updates the state that one built from the config initialised."""
   opt = train_cfg.optimizer
   if opt.name != "adamw":
     raise ValueError(f"unknown optimizer {opt.name!r} (expected 'adamw')")
   chain = []
   if train_cfg.clip_grad_norm and train_cfg.clip_grad_norm > 0:
     chain.append(optax.clip_by_global_norm(train_cfg.clip_grad_norm))
-  chain.append(optax.adamw(learning_rate_schedule(train_cfg), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+  chain.append(optax.adamw(learning_rate_schedule(train_cfg, values), b1=opt.b1, b2=opt.b2, eps=opt.eps,
                            weight_decay=opt.weight_decay, mask=decay_mask(opt.no_decay_patterns)))
   return optax.chain(*chain)

@@ -75,8 +75,8 @@ class Trainer:
 
   def __post_init__(self):
     self.compute_dtype = None if self.train_cfg.compute_dtype == "float32" else jnp.dtype(self.train_cfg.compute_dtype)
-    self.tx = optim.make_optimizer(self.train_cfg)
-    self.schedule = optim.learning_rate_schedule(self.train_cfg)
+    self.tx = optim.make_optimizer(self.train_cfg)  # the state's structure; the step builds its own (`_apply`)
+    self.schedule_values = optim.schedule_values(self.train_cfg)
     self.keep = optim.trainable_filter(self.train_cfg.trainable_patterns)
     spec = sharding.batch_sharding(self.mesh, self.rules, 1).spec[0]
     batch_axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
@@ -153,10 +153,12 @@ class Trainer:
         jax.random.fold_in(rng, step), self.criterion, len(self.model_cfg.side.deep_supervision_idxs),
         labels.shape[0], min(self.model_cfg.side.num_queries, labels.shape[1]))
 
-  def _apply(self, state, loss, losses, grads):
-    """The optimizer step from the (global) loss and gradients; a non-finite one changes nothing."""
+  def _apply(self, state, loss, losses, grads, schedule):
+    """The optimizer step from the (global) loss and gradients, with the learning-rate schedule's numbers
+    `schedule` (`optim.schedule_values`, traced); a non-finite step changes nothing."""
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    tx = optim.make_optimizer(self.train_cfg, schedule)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_old = lambda new, old: jnp.where(finite, new, old)
@@ -167,7 +169,8 @@ class Trainer:
         "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
         "last_nonfinite_step": jnp.where(finite, state["last_nonfinite_step"], state["step"]),
     }
-    metrics = {"loss": loss, **losses, "grad_norm": grad_norm, "lr": self.schedule(state["step"]),
+    lr = optim.learning_rate_schedule(self.train_cfg, schedule)(state["step"])
+    metrics = {"loss": loss, **losses, "grad_norm": grad_norm, "lr": lr,
                "finite": finite}
     return new_state, metrics
 
@@ -175,7 +178,7 @@ class Trainer:
     """An activation's sharding from its logical axis names (`layers.constrain`), by the config's rules."""
     return NamedSharding(self.mesh, sharding.logical_to_mesh(names, shape, self.mesh, self.rules))
 
-  def step_fn(self, state, frozen, batch, class_embeddings, rng):
+  def step_fn(self, state, frozen, batch, class_embeddings, rng, schedule):
     draws = self.draws(rng, state["step"], batch["labels"])
     if not self.deterministic or not self.split_axes:  # one device: nothing to add across devices
       # XLA partitions this program: the activations' logical axes place them by the config's rules. On
@@ -186,7 +189,7 @@ class Trainer:
       with placing:
         (loss, losses), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
             state["params"], frozen, batch, class_embeddings, draws)
-      return self._apply(state, loss, losses, grads)
+      return self._apply(state, loss, losses, grads, schedule)
 
     axes, ways = self.split_axes, self.mesh.devices.size
     if batch["labels"].shape[0] % ways:  # validate.py says so before a run starts; this is for direct callers
@@ -195,31 +198,37 @@ class Trainer:
           f"{dict(self.mesh.shape)}: a batch of {batch['labels'].shape[0]} is not divisible by {ways} "
           "(change the batch size, or set train.deterministic_reductions=False)")
 
-    def local(state, frozen, batch, class_embeddings, draws):
+    def local(state, frozen, batch, class_embeddings, draws, schedule):
       (_, shares), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
           state["params"], frozen, batch, class_embeddings, draws)
       names = sorted(shares)
       totals = reduce_lib.ordered_sum(jnp.stack([shares[n] for n in names]), axes)
       losses = {n: totals[i] for i, n in enumerate(names)}
       grads = reduce_lib.ordered_sum_tree(grads, axes)
-      return self._apply(state, criterion_lib.total_loss(losses), losses, grads)
+      return self._apply(state, criterion_lib.total_loss(losses), losses, grads, schedule)
 
     split = P(axes)
-    return jax.shard_map(local, mesh=self.mesh, in_specs=(P(), P(), split, P(), P(None, axes)),
-                         out_specs=(P(), P()), check_vma=False)(state, frozen, batch, class_embeddings, draws)
+    return jax.shard_map(local, mesh=self.mesh, in_specs=(P(), P(), split, P(), P(None, axes), P()),
+                         out_specs=(P(), P()), check_vma=False)(state, frozen, batch, class_embeddings, draws,
+                                                                schedule)
 
   def compile_step(self, batch_ndims: Mapping[str, int]) -> Callable:
-    """The jitted step with explicit shardings; state donated."""
+    """`run(state, frozen, batch, class_embeddings, rng)`: the jitted step with explicit shardings, state
+    donated, passed this run's learning-rate schedule numbers as its last argument (so they are not
+    constants of the program). `run.jitted` is the jitted function itself, `run.args(*args)` the six
+    arguments it takes (for ahead-of-time lowering, e.g. cost analysis in benchmarks, under the mesh)."""
     batch_sh = {k: sharding.batch_sharding(self.mesh, self.rules, n) for k, n in batch_ndims.items()}
     rep = sharding.replicated(self.mesh)
     jitted = jax.jit(self.step_fn,
-                     in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh, rep, rep),
+                     in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh, rep, rep, rep),
                      out_shardings=(self.state_shardings, rep), donate_argnums=0)
+    schedule = jax.device_put(self.schedule_values, rep)
 
     def run(*args):
       with jax.set_mesh(self.mesh):
-        return jitted(*args)
-    run.jitted = jitted  # for ahead-of-time lowering (cost analysis in benchmarks), under the mesh
+        return jitted(*args, schedule)
+    run.jitted = jitted
+    run.args = lambda *args: (*args, schedule)
     return run
 
   def model(self, state, frozen) -> san_lib.SAN:
