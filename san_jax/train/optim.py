@@ -93,9 +93,8 @@ def learning_rate_schedule(train_cfg, values: Optional[Mapping[str, Any]] = None
   `warmup_cosine_decay_schedule`, written with array arguments (optax's take Python numbers and branch on
   them); tests/test_train.py checks them against optax's."""
   name = train_cfg.schedule.name
-  v = schedule_values(train_cfg) if values is None else values
-  if name not in ("poly", "cosine"):
-    raise ValueError(f"unknown schedule {name!r} (expected 'poly' or 'cosine')")
+  config_values = schedule_values(train_cfg)  # also refuses an unknown schedule name
+  v = config_values if values is None else values
 
   def schedule(count):
     count = jnp.asarray(count, jnp.float32)
